@@ -1,0 +1,223 @@
+"""Typed experiment configuration.
+
+A config is a YAML file validated by :class:`ExperimentConfig`.  Unknown keys
+are rejected with a message that names the key and its place in the file, so
+a typo never silently falls back to a default.  Relative data paths are
+resolved against ``data.root`` when given, else against the folder holding the
+config file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IMAGE_MODALITIES = ("ct", "mri", "pet")
+ALL_MODALITIES = ("clinical", "ct", "ehr", "mri", "omics", "pet")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DataConfig(_Strict):
+    root: Optional[str] = Field(None, description="folder that relative paths below are resolved against")
+    manifest: str
+    expression: Optional[str] = None
+    gene_sets: Optional[str] = None
+    ehr: Optional[str] = None
+    clinical: Optional[str] = None
+    confounders: list[str] = Field(default_factory=list, description="manifest columns that are confounders")
+    cache_dir: Optional[str] = Field(None, description="preprocessed-volume cache; default <manifest dir>/.radfusion_cache")
+
+
+class TaskConfig(_Strict):
+    kind: Literal["survival", "classification"] = "survival"
+    time: str = "time"
+    event: str = "event"
+    label: str = "label"
+
+
+class ImagePreprocessing(_Strict):
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    size: tuple[int, int, int] = (24, 24, 24)
+    ct_window: tuple[float, float] = (-200.0, 300.0)
+    pet_compression: Literal["log", "clip"] = "log"
+    pet_clip: float = 20.0
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, v):
+        if any(s <= 0 for s in v):
+            raise ValueError("spacing values must be > 0 mm")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _positive_size(cls, v):
+        if any(s < 4 for s in v):
+            raise ValueError("size values must be >= 4 voxels")
+        return v
+
+
+class ModalityConfig(_Strict):
+    encoder: str
+    out_dim: int = Field(32, ge=1)
+    encoder_kwargs: dict = Field(default_factory=dict)
+    # imaging
+    preprocessing: Optional[ImagePreprocessing] = None
+    # omics
+    method: Literal["ssgsea"] = "ssgsea"
+    min_set_size: int = 10
+    max_set_size: int = 500
+    # ehr
+    variables: Optional[list[str]] = None
+    max_steps: int = Field(64, ge=1)
+    window: Optional[float] = None
+    # clinical
+    columns: Optional[list[str]] = None
+    categorical: list[str] = Field(default_factory=list)
+
+
+class FusionConfig(_Strict):
+    name: str = "concat"
+    hidden: int = Field(64, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(10, ge=1, description="early stopping on validation c-index")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: Optional[int] = Field(None, ge=1)
+
+
+class SplitConfig(_Strict):
+    scheme: Literal["holdout"] = "holdout"
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    stratify: list[str] = Field(default_factory=lambda: ["site", "event"])
+
+
+class EvaluationConfig(_Strict):
+    ablation: bool = True
+    risk_groups: int = Field(2, ge=2, le=4)
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    modalities: dict[str, ModalityConfig]
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("modalities")
+    @classmethod
+    def _known_modalities(cls, v):
+        unknown = sorted(set(v) - set(ALL_MODALITIES))
+        if unknown:
+            raise ValueError(f"unknown modality {unknown}; valid modalities: {', '.join(ALL_MODALITIES)}")
+        if not v:
+            raise ValueError("at least one modality is required")
+        return dict(sorted(v.items()))
+
+    @model_validator(mode="after")
+    def _modality_inputs(self):
+        needs = {"omics": ("expression", "gene_sets"), "ehr": ("ehr",), "clinical": ("clinical",)}
+        for m, fields in needs.items():
+            if m in self.modalities:
+                for f in fields:
+                    if getattr(self.data, f) is None:
+                        raise ValueError(f"modality '{m}' needs data.{f}")
+        for m in IMAGE_MODALITIES:
+            if m in self.modalities and self.modalities[m].preprocessing is None:
+                self.modalities[m].preprocessing = ImagePreprocessing()
+        if self.task.kind != "survival":
+            raise ValueError("task.kind 'classification' is not available yet; use 'survival'")
+        return self
+
+    # ------------------------------------------------------------------ paths
+    def resolve_paths(self, base: str | Path) -> "ExperimentConfig":
+        """Return a copy whose data paths are absolute (relative to ``data.root`` or ``base``)."""
+        cfg = self.model_copy(deep=True)
+        root = Path(cfg.data.root) if cfg.data.root else Path(base)
+        if not root.is_absolute():
+            root = (Path(base) / root).resolve()
+        for f in ("manifest", "expression", "gene_sets", "ehr", "clinical", "cache_dir"):
+            val = getattr(cfg.data, f)
+            if val is not None and not Path(val).is_absolute():
+                setattr(cfg.data, f, str((root / val).resolve()))
+        cfg.data.root = str(root.resolve())
+        return cfg
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate; the message names the file and keys."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = ".".join(str(p) for p in e["loc"][:-1]) or "top level"
+            lines.append(f"  - unknown key '{e['loc'][-1]}' under {parent}")
+        else:
+            lines.append(f"  - {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, *, source: str = "<dict>", base: str | Path | None = None) -> ExperimentConfig:
+    """Validate a config mapping; resolve its paths against ``base`` when given."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    return cfg.resolve_paths(base) if base is not None else cfg
+
+
+def load_config(path: str | Path, *, overrides: dict | None = None) -> ExperimentConfig:
+    """Read, validate and resolve a YAML config file.
+
+    ``overrides`` is a nested mapping merged over the file's content before
+    validation (used by ``radfusion demo`` to point ``data.root`` at a cohort).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if overrides:
+        data = _deep_merge(data or {}, overrides)
+    return parse_config(data, source=str(path), base=path.parent)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def default_config_dir() -> Path:
+    """The repository's ``configs/`` folder (the package is installed editable)."""
+    return Path(__file__).resolve().parents[1] / "configs"

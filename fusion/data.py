@@ -1,0 +1,326 @@
+"""Assemble a cohort from the config into tensors that follow the data contract.
+
+Two stages:
+
+1. :func:`load_cohort` reads every input once (manifest, preprocessed image
+   volumes through the on-disk cache, raw pathway scores, EHR events, the
+   clinical table).  Nothing here is fitted across patients: image
+   preprocessing is per volume and ssGSEA scores are per sample.
+2. :class:`FoldTransforms` fits what is estimated from data (pathway-score
+   scaling, EHR standardisation and GRU-D empirical means, clinical imputation,
+   scaling and one-hot categories) on the *training* patients only, then
+   :func:`make_tensors` applies it to any split.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from data_adapters.errors import InputError
+from data_adapters.manifest import IMAGE_COLUMNS, load_manifest
+from data_adapters.privacy import pseudonymise
+from fusion.config import IMAGE_MODALITIES, ExperimentConfig
+
+log = logging.getLogger("radfusion")
+
+
+@dataclass
+class Cohort:
+    """Everything read from disk, one row per manifest patient (internal IDs never leave)."""
+
+    patient_ids: list[str]
+    pseudonyms: list[str]
+    sites: np.ndarray
+    time: np.ndarray
+    event: np.ndarray
+    confounders: dict[str, np.ndarray]
+    modalities: list[str]
+    present: np.ndarray  # bool (N, M), columns = modalities
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # m -> float32 (N, 1, D, H, W)
+    rois: dict[str, np.ndarray] = field(default_factory=dict)  # m -> bool (N, D, H, W)
+    omics_raw: pd.DataFrame | None = None  # (N, P) raw ES, NaN rows = absent
+    ehr_events: pd.DataFrame | None = None
+    clinical_table: pd.DataFrame | None = None
+    uid_hashes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+
+def _imaging_params(cfg: ExperimentConfig, m: str):
+    from data_adapters.imaging import ImagingParams
+
+    p = cfg.modalities[m].preprocessing
+    return ImagingParams(
+        modality=m,
+        spacing=tuple(p.spacing),
+        size=tuple(p.size),
+        ct_window=tuple(p.ct_window),
+        pet_compression=p.pet_compression,
+        pet_clip=p.pet_clip,
+    )
+
+
+def _load_one(args):
+    cache_root, image_path, mask_path, params, patient = args
+    from data_adapters.imaging import VolumeCache
+
+    pv = VolumeCache(cache_root).load_preprocessed(image_path, mask_path, params, patient=patient)
+    return pv.image, pv.roi, pv.uid_hashes, pv.cache_hit
+
+
+def _load_images(cfg, manifest: pd.DataFrame, m: str, cache_root: Path, progress: bool, workers: int):
+    params = _imaging_params(cfg, m)
+    mask_col = f"{m}_mask"
+    rows = [(pid, r[m], r[mask_col] if mask_col in manifest.columns else None)
+            for pid, r in manifest.iterrows() if r[m] is not None]
+    jobs = [(str(cache_root), img, mask, params, pid) for pid, img, mask in rows]
+    desc = f"preprocess {m.upper()}"
+    if workers > 1 and len(jobs) > 8:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            results = list(tqdm(ex.map(_load_one, jobs, chunksize=4), total=len(jobs), desc=desc, disable=not progress))
+    else:
+        results = [_load_one(j) for j in tqdm(jobs, desc=desc, disable=not progress)]
+    return {pid: res for (pid, _, _), res in zip(rows, results)}
+
+
+def load_cohort(cfg: ExperimentConfig, *, progress: bool = True, workers: int = 2) -> Cohort:
+    """Read every input named by ``cfg`` (paths already resolved)."""
+    d = cfg.data
+    mods = sorted(cfg.modalities)
+    manifest = load_manifest(
+        d.manifest,
+        task=cfg.task.kind,
+        time_col=cfg.task.time,
+        event_col=cfg.task.event,
+        label_col=cfg.task.label,
+        confounders=d.confounders,
+        modalities=[m for m in mods if m in IMAGE_COLUMNS],
+    )
+    pids = manifest["patient_id"].tolist()
+    n = len(pids)
+    present = np.zeros((n, len(mods)), dtype=bool)
+    cohort = Cohort(
+        patient_ids=pids,
+        pseudonyms=[pseudonymise(p) for p in pids],
+        sites=manifest["site"].to_numpy(dtype=str),
+        time=manifest[cfg.task.time].to_numpy(dtype=np.float32),
+        event=manifest[cfg.task.event].to_numpy(dtype=bool),
+        confounders={c: manifest[c].to_numpy() for c in d.confounders},
+        modalities=mods,
+        present=present,
+    )
+    report: dict = {"n_patients_manifest": n, "missing_modality": {}}
+    cache_root = Path(d.cache_dir) if d.cache_dir else Path(d.manifest).parent / ".radfusion_cache"
+    uid_hashes: dict[str, dict[str, dict[str, str]]] = {ps: {} for ps in cohort.pseudonyms}
+    for j, m in enumerate(mods):
+        if m in IMAGE_MODALITIES:
+            loaded = _load_images(cfg, manifest, m, cache_root, progress, workers)
+            size = cfg.modalities[m].preprocessing.size
+            shape = (size[2], size[1], size[0])
+            img = np.zeros((n, 1, *shape), dtype=np.float32)
+            roi = np.zeros((n, *shape), dtype=bool)
+            hits = 0
+            for i, pid in enumerate(pids):
+                if pid in loaded:
+                    a, r, uids, hit = loaded[pid]
+                    img[i], roi[i] = a, r
+                    present[i, j] = True
+                    uid_hashes[cohort.pseudonyms[i]][m] = dict(uids)
+                    hits += int(hit)
+            cohort.images[m], cohort.rois[m] = img, roi
+            report.setdefault("image_cache_hits", {})[m] = hits
+        elif m == "omics":
+            from data_adapters.omics import pathway_scores_for_cohort
+
+            mc = cfg.modalities[m]
+            scores, orep = pathway_scores_for_cohort(
+                d.expression, d.gene_sets, pids, min_size=mc.min_set_size, max_size=mc.max_set_size
+            )
+            cohort.omics_raw = scores
+            present[:, j] = ~scores.isna().all(axis=1).to_numpy()
+            report["omics"] = orep
+        elif m == "ehr":
+            from data_adapters.ehr import read_ehr_events
+
+            mc = cfg.modalities[m]
+            events = read_ehr_events(d.ehr, variables=mc.variables)
+            unknown = sorted(set(events["patient_id"]) - set(pids))
+            report["ehr"] = dict(events.attrs.get("report", {}))
+            report["ehr"]["n_events_of_patients_not_in_manifest"] = int(events["patient_id"].isin(unknown).sum())
+            events = events[events["patient_id"].isin(set(pids))]
+            cohort.ehr_events = events
+            has = set(events["patient_id"])
+            if mc.window is not None:
+                has = set(events.loc[events["time"] <= mc.window, "patient_id"])
+            present[:, j] = [p in has for p in pids]
+        elif m == "clinical":
+            from data_adapters.clinical import read_clinical
+
+            mc = cfg.modalities[m]
+            table = read_clinical(d.clinical, columns=mc.columns, categorical=mc.categorical)
+            cohort.clinical_table = table
+            present[:, j] = [p in table.index for p in pids]
+            report["clinical"] = {"n_rows_not_in_manifest": int((~table.index.isin(pids)).sum())}
+        report["missing_modality"][m] = int((~present[:, j]).sum())
+    cohort.uid_hashes = uid_hashes
+    none = ~present.any(axis=1)
+    if none.any():
+        i = int(np.flatnonzero(none)[0])
+        raise InputError(
+            "patient has none of the configured modalities", file=d.manifest, row=i + 1, patient=pids[i]
+        )
+    cohort.report = report
+    return cohort
+
+
+class FoldTransforms:
+    """Everything estimated from data, fitted on training patients only."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+
+    def fit(self, cohort: Cohort, train_idx: Sequence[int]) -> "FoldTransforms":
+        train_idx = np.asarray(train_idx)
+        tr_ids = [cohort.patient_ids[i] for i in train_idx]
+        mods = cohort.modalities
+        self.input_dims_: dict[str, int] = {}
+        for m in mods:
+            if m in IMAGE_MODALITIES:
+                self.input_dims_[m] = cohort.images[m].shape[1]
+        if "omics" in mods:
+            from sklearn.preprocessing import StandardScaler
+
+            j = mods.index("omics")
+            rows = train_idx[cohort.present[train_idx, j]]
+            if len(rows) < 2:
+                raise InputError("fewer than two training patients have expression data", field="omics")
+            self.omics_scaler_ = StandardScaler().fit(cohort.omics_raw.iloc[rows].to_numpy())
+            self.input_dims_["omics"] = cohort.omics_raw.shape[1]
+        if "ehr" in mods:
+            from data_adapters.ehr import EHRPreprocessor
+
+            mc = self.cfg.modalities["ehr"]
+            self.ehr_ = EHRPreprocessor(mc.variables, max_steps=mc.max_steps, window=mc.window).fit(
+                cohort.ehr_events, tr_ids
+            )
+            self.input_dims_["ehr"] = len(self.ehr_.variables_)
+        if "clinical" in mods:
+            from data_adapters.clinical import ClinicalPreprocessor
+
+            t = cohort.clinical_table
+            self.clinical_ = ClinicalPreprocessor(t.attrs["numeric"], t.attrs["categorical"]).fit(t, tr_ids)
+            self.input_dims_["clinical"] = len(self.clinical_.feature_names_)
+        return self
+
+
+def make_tensors(cohort: Cohort, idx: Sequence[int], tf: FoldTransforms) -> dict:
+    """Tensors of the data contract for the patients ``idx`` (whole split, CPU)."""
+    idx = np.asarray(idx)
+    ids = [cohort.patient_ids[i] for i in idx]
+    out: dict = {
+        "modalities": list(cohort.modalities),
+        "present": torch.from_numpy(cohort.present[idx].copy()),
+        "time": torch.from_numpy(cohort.time[idx].astype(np.float32)),
+        "event": torch.from_numpy(cohort.event[idx].copy()),
+        "patient_id": [cohort.pseudonyms[i] for i in idx],
+        "report": {},
+    }
+    for m in cohort.modalities:
+        if m in IMAGE_MODALITIES:
+            out[m] = torch.from_numpy(cohort.images[m][idx])
+        elif m == "omics":
+            x = cohort.omics_raw.iloc[idx].to_numpy()
+            x = np.where(np.isnan(x), 0.0, x)
+            out[m] = torch.from_numpy(tf.omics_scaler_.transform(x).astype(np.float32))
+        elif m == "ehr":
+            arrs = tf.ehr_.transform(cohort.ehr_events, ids)
+            out[m] = {k: torch.from_numpy(np.asarray(arrs[k])) for k in ("values", "mask", "delta", "times", "lengths")}
+            out["report"]["ehr"] = dict(getattr(tf.ehr_, "report_", {}))
+        elif m == "clinical":
+            x, rep = tf.clinical_.transform(cohort.clinical_table, ids)
+            out[m] = torch.from_numpy(x)
+            out["report"]["clinical"] = rep
+    return out
+
+
+def take(tensors: dict, idx) -> dict:
+    """Sub-batch of a tensors dict by row indices (LongTensor or array)."""
+    idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+
+    def sel(v):
+        if isinstance(v, dict):
+            return {k: sel(x) for k, x in v.items()}
+        if isinstance(v, torch.Tensor):
+            return v.index_select(0, idx_t)
+        return v
+
+    out = {}
+    for k, v in tensors.items():
+        if k in ("modalities", "report"):
+            out[k] = v
+        elif k == "patient_id":
+            out[k] = [v[i] for i in idx_t.tolist()]
+        else:
+            out[k] = sel(v)
+    return out
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    def mv(v):
+        if isinstance(v, dict):
+            return {k: mv(x) for k, x in v.items()}
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        return v
+
+    return {k: (v if k in ("modalities", "patient_id", "report") else mv(v)) for k, v in batch.items()}
+
+
+def stratified_holdout(cohort: Cohort, *, test_fraction: float, val_fraction: float, stratify: Sequence[str],
+                       seed: int) -> dict[str, np.ndarray]:
+    """Split patient indices into train / validation / test, stratified by ``stratify``.
+
+    ``stratify`` names ``site``, ``event`` or confounder columns.  Strata
+    smaller than 3 patients are merged into one stratum so each stratum can
+    contribute to every split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(cohort)
+    keys = []
+    for s in stratify:
+        if s == "site":
+            keys.append(cohort.sites.astype(str))
+        elif s == "event":
+            keys.append(cohort.event.astype(int).astype(str))
+        elif s in cohort.confounders:
+            keys.append(cohort.confounders[s].astype(str))
+        else:
+            raise ValueError(f"split.stratify: unknown column {s!r}; use 'site', 'event' or a confounder")
+    strata = np.array(["|".join(t) for t in zip(*keys)]) if keys else np.zeros(n, dtype=str)
+    counts = pd.Series(strata).value_counts()
+    strata = np.where(pd.Series(strata).map(counts).to_numpy() < 3, "__small__", strata)
+    idx = np.arange(n)
+    n_test = max(1, int(round(test_fraction * n)))
+    n_val = max(1, int(round(val_fraction * n)))
+    if n - n_test - n_val < 2:
+        raise ValueError(f"cohort of {n} patients is too small for the requested test/validation fractions")
+    rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=_safe(strata, idx))
+    train, val = train_test_split(rest, test_size=n_val, random_state=seed + 1, stratify=_safe(strata, rest))
+    return {"train": np.sort(train), "validation": np.sort(val), "test": np.sort(test)}
+
+
+def _safe(strata: np.ndarray, idx: np.ndarray):
+    s = strata[idx]
+    counts = pd.Series(s).value_counts()
+    return s if counts.min() >= 2 else None
