@@ -39,7 +39,7 @@ Documented rules
 
 The time-since-last-observation ``delta`` follows Che et al. (2018),
 "Recurrent neural networks for multivariate time series with missing values",
-Sci Rep 8:6085, eq. (2)::
+Sci Rep 8:6085, time-interval definition::
 
     delta_1^d = 0
     delta_t^d = s_t - s_{t-1} + delta_{t-1}^d   if m_{t-1}^d = 0
@@ -267,10 +267,10 @@ def read_ehr_events(
 
 
 # --------------------------------------------------------------------------- #
-# delta (Che et al. 2018, eq. 2)
+# delta (Che et al. 2018, time-interval definition)
 # --------------------------------------------------------------------------- #
 def compute_delta(times: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Time since each variable was last observed, Che et al. (2018) eq. (2).
+    """Time since each variable was last observed, Che et al. (2018) time-interval definition.
 
     Parameters
     ----------
@@ -287,7 +287,7 @@ def compute_delta(times: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> n
         ``(N, T, V)`` float32 ``delta`` with ``delta_1 = 0`` and
         ``delta_t^d = s_t - s_{t'}`` where ``t'`` is the last step before
         ``t`` at which ``d`` was observed (``t' = 1`` if none), which unrolls
-        the recursion of eq. (2).  Padding steps (``t >= length``) are 0.
+        the recursion of time-interval definition.  Padding steps (``t >= length``) are 0.
     """
     n, t_max = times.shape
     v = mask.shape[2]
@@ -342,7 +342,7 @@ class EHRPreprocessor:
     empirical_mean_ : numpy.ndarray
         ``(V,)`` mean of the standardised training observations actually fed
         to the model (after window and truncation): GRU-D's ``x~``
-        (Che et al. 2018, eq. 4); 0 for unobserved variables.
+        (Che et al. 2018, input decay); 0 for unobserved variables.
     fit_report_, report_ : dict
         Counts of the last ``fit`` / ``transform`` (see :meth:`transform`).
 
@@ -350,7 +350,7 @@ class EHRPreprocessor:
     -----
     One time step per distinct observation time of a patient (no bucketing).
     ``delta`` is computed on the kept steps, so after truncation it restarts
-    at 0 at the first kept step (``delta_1 = 0`` of eq. 2).
+    at 0 at the first kept step (``delta_1 = 0`` of time-interval definition).
     """
 
     def __init__(
@@ -479,7 +479,7 @@ class EHRPreprocessor:
         dict[str, numpy.ndarray]
             ``values`` float32 (N, T, V) standardised ``(x - mean_) / std_``,
             0 where missing; ``mask`` float32 (N, T, V); ``delta`` float32
-            (N, T, V) in days (Che et al. 2018, eq. 2); ``times`` float32
+            (N, T, V) in days (Che et al. 2018, time-interval definition); ``times`` float32
             (N, T); ``lengths`` int64 (N,).  ``T = max_steps``; steps
             ``t >= length`` are all 0.  The counts are stored in
             ``self.report_``: ``n_patients``, ``n_patients_without_events``

@@ -9,7 +9,7 @@ Every encoder here is built as ``cls(in_features, out_dim, **kw)`` and its
     1 where observed;
 ``delta`` float (B, T, V)
     time since the variable was last observed (days), Che et al. (2018)
-    eq. (2);
+    time-interval definition;
 ``times`` float (B, T)
     observation times (days);
 ``lengths`` int64 (B,)
@@ -135,7 +135,7 @@ def forward_fill(values: Tensor, mask: Tensor, fill: Tensor) -> Tensor:
     Tensor
         ``(B, T, V)`` ``x'_t`` = value at the last step ``<= t`` at which the
         variable was observed, ``fill`` if none (the ``x_{t'}^d`` of Che et
-        al. 2018, eq. 4).  Computed with a cumulative max over the index of
+        al. 2018, input decay).  Computed with a cumulative max over the index of
         the last observation, then a gather: no Python loop.
     """
     t = values.shape[1]
@@ -165,19 +165,20 @@ class GRUD(nn.Module):
     r"""GRU-D encoder (Che et al. 2018, Sci Rep 8:6085).
 
     For step ``t`` with values ``x_t``, mask ``m_t`` and intervals
-    ``delta_t`` (eq. 2), GRU-D computes (equation numbers of the paper):
+    ``delta_t`` (the paper's time-interval definition), GRU-D computes, in
+    the paper's notation (section "GRU-D"):
 
-    * decay rates (eq. 3), with a *diagonal* ``W_gx`` for the input and a
+    * decay rates, with a *diagonal* ``W_gx`` for the input and a
       full ``W_gh`` (V -> H) for the hidden state:
       ``gamma_x = exp(-max(0, W_gx delta_t + b_gx))``,
       ``gamma_h = exp(-max(0, W_gh delta_t + b_gh))``;
-    * input decay (eq. 4):
+    * input decay:
       ``x_hat_t = m_t x_t + (1 - m_t) (gamma_x x'_t + (1 - gamma_x) x~)``
       with ``x'_t`` the last observed value of the variable and ``x~`` its
       empirical training mean (``x_mean`` buffer; ``x'_t = x~`` before the
       first observation);
-    * hidden-state decay (eq. 5): ``h_hat_{t-1} = gamma_h * h_{t-1}``;
-    * GRU update with the mask as extra input (eqs. 6-9):
+    * hidden-state decay: ``h_hat_{t-1} = gamma_h * h_{t-1}``;
+    * GRU update with the mask as extra input:
       ``z_t = sigmoid(W_z x_hat_t + U_z h_hat_{t-1} + V_z m_t + b_z)``,
       ``r_t = sigmoid(W_r x_hat_t + U_r h_hat_{t-1} + V_r m_t + b_r)``,
       ``h~_t = tanh(W x_hat_t + U (r_t * h_hat_{t-1}) + V m_t + b)``,
@@ -266,7 +267,7 @@ class GRUD(nn.Module):
 
     @torch.no_grad()
     def set_empirical_mean(self, mean: Tensor | np.ndarray | list[float]) -> None:
-        """Set ``x~`` (eq. 4), the training mean of each (standardised) variable.
+        """Set ``x~`` (input decay), the training mean of each (standardised) variable.
 
         Parameters
         ----------
@@ -282,13 +283,13 @@ class GRUD(nn.Module):
 
     # ------------------------------------------------------------------ #
     def decay_rates(self, delta: Tensor) -> tuple[Tensor, Tensor]:
-        """``gamma_x`` (B, T, V) and ``gamma_h`` (B, T, H) of eq. (3)."""
+        """``gamma_x`` (B, T, V) and ``gamma_h`` (B, T, H) of decay rates."""
         gamma_x = torch.exp(-torch.relu(delta * self.gamma_x_weight + self.gamma_x_bias))
         gamma_h = torch.exp(-torch.relu(self.gamma_h(delta)))
         return gamma_x, gamma_h
 
     def impute(self, values: Tensor, mask: Tensor, delta: Tensor) -> Tensor:
-        """Decayed inputs ``x_hat`` (B, T, V) of eq. (4), for all steps at once.
+        """Decayed inputs ``x_hat`` (B, T, V) of input decay, for all steps at once.
 
         ``values`` must be 0 (or anything finite) where ``mask`` is 0.
         With ``delta = 0`` an unobserved entry equals the last observation;
@@ -316,11 +317,11 @@ class GRUD(nn.Module):
             u_zr = self.hidden_zr.weight.t()
             u_n = self.hidden_n.weight.t()
             for t in range(t_eff):
-                hd = h * gamma_h[t]                                            # eq. (5)
-                zr = torch.sigmoid(torch.addmm(gi_zr[t], hd, u_zr))            # eqs. (6), (7)
+                hd = h * gamma_h[t]
+                zr = torch.sigmoid(torch.addmm(gi_zr[t], hd, u_zr))
                 z, r = zr[:, :hs], zr[:, hs:]
-                cand = torch.tanh(torch.addmm(gi_n[t], r * hd, u_n))           # eq. (8)
-                h_new = torch.lerp(hd, cand, z)                                # eq. (9)
+                cand = torch.tanh(torch.addmm(gi_n[t], r * hd, u_n))
+                h_new = torch.lerp(hd, cand, z)
                 h = h_new if t < n_full else torch.where(valid[t], h_new, h)  # freeze padding
                 if want_sequences:
                     states.append(h)

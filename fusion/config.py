@@ -85,6 +85,7 @@ class FusionConfig(_Strict):
     name: str = "concat"
     hidden: int = Field(64, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    aux_loss_weight: float = Field(0.0, ge=0.0, description="weight of per-modality auxiliary Cox losses")
 
 
 class TrainingConfig(_Strict):
@@ -93,6 +94,7 @@ class TrainingConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(10, ge=1, description="early stopping on validation c-index")
+    modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability of hiding a modality in training")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Optional[int] = Field(None, ge=1)
 

@@ -29,23 +29,65 @@ class FusionModel(nn.Module):
     Forward input: the batch dict of the data contract; ``batch["modalities"]``
     names the columns of ``batch["present"]``.  Output: ``risk`` (B,),
     ``embedding`` (B, D), ``modality_embeddings`` {m: (B, D_m)}, and ``loss``
-    when ``time``/``event`` are in the batch.
+    (with its parts ``loss_cox`` and ``loss_aux``) when ``time``/``event`` are
+    in the batch.
+
+    Parameters
+    ----------
+    encoders, fusion, head
+        The parts.
+    aux_loss_weight
+        Weight ``w`` of the auxiliary per-modality Cox losses (deep
+        supervision): each modality embedding also gets a linear risk head,
+        trained with the Cox loss on the patients who have that modality, and
+        ``loss = loss_cox + w * mean_m(loss_aux_m)``.  With a few hundred
+        patients this keeps the slow-learning image encoders from being
+        ignored while the tabular branches fit quickly.  0 disables it.
+    modality_dropout
+        In training, each present modality of each patient is hidden with
+        this probability (at least one modality is always kept), so the
+        model learns to predict from any subset.
     """
 
-    def __init__(self, encoders: Mapping[str, nn.Module], fusion: nn.Module, head: nn.Module) -> None:
+    def __init__(self, encoders: Mapping[str, nn.Module], fusion: nn.Module, head: nn.Module, *,
+                 aux_loss_weight: float = 0.0, modality_dropout: float = 0.0) -> None:
         super().__init__()
+        if aux_loss_weight < 0:
+            raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
         self.modalities = sorted(encoders)
         self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
         self.fusion = fusion
         self.head = head
+        self.aux_loss_weight = float(aux_loss_weight)
+        self.modality_dropout = float(modality_dropout)
+        self.aux_heads = nn.ModuleDict(
+            {m: nn.Linear(encoders[m].out_dim, 1) for m in self.modalities} if aux_loss_weight > 0 else {}
+        )
+
+    def _drop_modalities(self, present: torch.Tensor) -> torch.Tensor:
+        """Hide present modalities at random, keeping at least one per patient."""
+        keep = torch.rand(present.shape, device=present.device) >= self.modality_dropout
+        dropped = present & keep
+        empty = ~dropped.any(dim=1) & present.any(dim=1)
+        if empty.any():
+            # restore one random present modality for patients left with none
+            scores = torch.rand(present.shape, device=present.device) * present
+            pick = scores.argmax(dim=1)
+            dropped[empty, pick[empty]] = True
+        return dropped
 
     def forward(self, batch: Mapping) -> dict:
         names = list(batch["modalities"])
-        present_all = batch["present"]
+        cols = [names.index(m) for m in self.modalities]
+        present_all = batch["present"][:, cols]
+        if self.training and self.modality_dropout > 0 and len(self.modalities) > 1:
+            present_all = self._drop_modalities(present_all)
         device = present_all.device
         embeddings, present = {}, {}
-        for m in self.modalities:
-            p = present_all[:, names.index(m)]
+        for j, m in enumerate(self.modalities):
+            p = present_all[:, j]
             enc = self.encoders[m]
             emb = torch.zeros(p.shape[0], enc.out_dim, device=device)
             idx = torch.nonzero(p, as_tuple=False).reshape(-1)
@@ -58,8 +100,19 @@ class FusionModel(nn.Module):
         risk = self.head(fused).reshape(-1)
         out = {"risk": risk, "embedding": fused, "modality_embeddings": embeddings}
         if "time" in batch and "event" in batch:
-            out["loss"] = cox_ph_loss(risk, batch["time"], batch["event"])
-            out["loss_cox"] = out["loss"]
+            out["loss_cox"] = cox_ph_loss(risk, batch["time"], batch["event"])
+            out["loss"] = out["loss_cox"]
+            if self.aux_loss_weight > 0:
+                aux = []
+                for m in self.modalities:
+                    idx = torch.nonzero(present[m], as_tuple=False).reshape(-1)
+                    if idx.numel() > 1:
+                        r = self.aux_heads[m](embeddings[m].index_select(0, idx)).reshape(-1)
+                        aux.append(cox_ph_loss(r, batch["time"].index_select(0, idx),
+                                               batch["event"].index_select(0, idx)))
+                if aux:
+                    out["loss_aux"] = torch.stack(aux).mean()
+                    out["loss"] = out["loss"] + self.aux_loss_weight * out["loss_aux"]
         return out
 
 
@@ -87,4 +140,5 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
         cfg.fusion.name, {m: e.out_dim for m, e in encoders.items()}, cfg.fusion.hidden, dropout=cfg.fusion.dropout
     )
     head = nn.Linear(cfg.fusion.hidden, 1)
-    return FusionModel(encoders, fusion, head)
+    return FusionModel(encoders, fusion, head, aux_loss_weight=cfg.fusion.aux_loss_weight,
+                       modality_dropout=cfg.training.modality_dropout)

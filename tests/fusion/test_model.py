@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from encoders.registry import create_encoder
+from fusion.model import FusionModel
+from fusion.strategies import create_fusion
+
+
+def _model():
+    torch.manual_seed(0)
+    enc = {"ct": create_encoder("cnn3d_small", 3, 1, 8, channels=(4, 8)), "clinical": create_encoder("mlp", 3, 4)}
+    fusion = create_fusion("concat", {"ct": 8, "clinical": 4}, 16, dropout=0.0)
+    return FusionModel(enc, fusion, torch.nn.Linear(16, 1)).eval()
+
+
+def _batch(b=4):
+    g = torch.Generator().manual_seed(1)
+    return {
+        "modalities": ["clinical", "ct"],
+        "present": torch.tensor([[True, True], [True, False], [True, True], [True, False]])[:b],
+        "ct": torch.randn(b, 1, 8, 8, 8, generator=g),
+        "clinical": torch.randn(b, 3, generator=g),
+        "time": torch.rand(b, generator=g) + 0.1,
+        "event": torch.tensor([True, False, True, True])[:b],
+    }
+
+
+def test_output_contract():
+    out = _model()(_batch())
+    assert out["risk"].shape == (4,)
+    assert out["embedding"].shape == (4, 16)
+    assert set(out["modality_embeddings"]) == {"clinical", "ct"}
+    assert torch.isfinite(out["loss"])
+
+
+def test_absent_modality_content_is_ignored():
+    m, b = _model(), _batch()
+    r1 = m(b)["risk"]
+    b2 = dict(b)
+    b2["ct"] = b["ct"].clone()
+    b2["ct"][1] = 1e3  # patient 1 has no CT: whatever sits there must not matter
+    r2 = m(b2)["risk"]
+    torch.testing.assert_close(r1, r2)
+    # but a present CT does matter
+    b3 = dict(b)
+    b3["ct"] = b["ct"].clone()
+    b3["ct"][0] += 5.0
+    assert not torch.allclose(m(b3)["risk"][0], r1[0])
+
+
+def test_patient_output_does_not_depend_on_batch_mates():
+    m, b = _model(), _batch()
+    full = m(b)["risk"]
+    for i in range(4):
+        single = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+        torch.testing.assert_close(m(single)["risk"], full[i:i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_fusion_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names: concat"):
+        create_fusion("kronecker9", {"a": 2}, 4)
