@@ -50,6 +50,7 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
 
 
 def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed):
+    seed_everything(seed)  # initial weights depend only on the seed, not on what ran before
     model = build_model(cfg, tf.input_dims_, modalities)
     if "ehr" in modalities and hasattr(model.encoders["ehr"], "set_empirical_mean"):
         model.encoders["ehr"].set_empirical_mean(torch.as_tensor(tf.ehr_.empirical_mean_, dtype=torch.float32))

@@ -12,7 +12,13 @@ def test_demo_config_validates_and_resolves_paths(tmp_path):
     cfg = load_config(default_config_dir() / "demo.yaml", overrides={"data": {"root": str(tmp_path)}})
     assert cfg.data.manifest == str(tmp_path / "manifest.csv")
     assert list(cfg.modalities) == sorted(cfg.modalities)
-    assert cfg.modalities["ct"].preprocessing.size == (24, 24, 24)
+    raw = _base()["modalities"]["ct"]["preprocessing"]
+    assert cfg.modalities["ct"].preprocessing.size == tuple(raw["size"])
+    assert cfg.modalities["ct"].preprocessing.spacing == tuple(float(x) for x in raw["spacing"])
+    # a modality that gives no preprocessing block gets the documented defaults
+    data = _base()
+    del data["modalities"]["mri"]["preprocessing"]
+    assert parse_config(data).modalities["mri"].preprocessing.size == (24, 24, 24)
 
 
 def test_unknown_key_is_rejected_with_its_name_and_place(tmp_path):
