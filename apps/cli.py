@@ -6,12 +6,16 @@ Commands::
     radfusion make-demo-cohort --out DIR [--patients N] [--sites S] [--seed K]
     radfusion train --config CFG --out RUN [--overwrite]
     radfusion evaluate --run RUN
+
+Bad input exits with status 2 and a one-line message naming the file, row,
+patient and field; set ``RADFUSION_DEBUG=1`` to get the full traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (InputError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("RADFUSION_DEBUG"):
+            raise
         print(f"radfusion {args.command}: error: {err}", file=sys.stderr)
         return 2
 
