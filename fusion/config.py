@@ -86,6 +86,7 @@ class FusionConfig(_Strict):
     hidden: int = Field(64, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     aux_loss_weight: float = Field(0.0, ge=0.0, description="weight of per-modality auxiliary Cox losses")
+    kwargs: dict = Field(default_factory=dict, description="extra arguments of the fusion strategy")
 
 
 class TrainingConfig(_Strict):

@@ -28,7 +28,8 @@ class FusionModel(nn.Module):
 
     Forward input: the batch dict of the data contract; ``batch["modalities"]``
     names the columns of ``batch["present"]``.  Output: ``risk`` (B,),
-    ``embedding`` (B, D), ``modality_embeddings`` {m: (B, D_m)}, and ``loss``
+    ``embedding`` (B, D), ``modality_embeddings`` {m: (B, D_m)}, ``attention``
+    (B, M) for strategies that weigh modalities, and ``loss``
     (with its parts ``loss_cox`` and ``loss_aux``) when ``time``/``event`` are
     in the batch.
 
@@ -96,9 +97,12 @@ class FusionModel(nn.Module):
                 emb = emb.to(out.dtype).index_copy(0, idx, out)
             embeddings[m] = emb
             present[m] = p
-        fused = self.fusion(embeddings, present)
+        fusion_out = self.fusion(embeddings, present)
+        fused = fusion_out["embedding"]
         risk = self.head(fused).reshape(-1)
         out = {"risk": risk, "embedding": fused, "modality_embeddings": embeddings}
+        if "attention" in fusion_out:
+            out["attention"] = fusion_out["attention"]
         if "time" in batch and "event" in batch:
             out["loss_cox"] = cox_ph_loss(risk, batch["time"], batch["event"])
             out["loss"] = out["loss_cox"]
@@ -137,7 +141,8 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
         else:
             encoders[m] = create_encoder(mc.encoder, input_dims[m], mc.out_dim, **mc.encoder_kwargs)
     fusion = create_fusion(
-        cfg.fusion.name, {m: e.out_dim for m, e in encoders.items()}, cfg.fusion.hidden, dropout=cfg.fusion.dropout
+        cfg.fusion.name, {m: e.out_dim for m, e in encoders.items()}, cfg.fusion.hidden, dropout=cfg.fusion.dropout,
+        **cfg.fusion.kwargs,
     )
     head = nn.Linear(cfg.fusion.hidden, 1)
     return FusionModel(encoders, fusion, head, aux_loss_weight=cfg.fusion.aux_loss_weight,

@@ -3,11 +3,15 @@
 A fusion module is built from ``modality_to_dim`` (sizes of each modality's
 embedding) and ``out_dim``; its ``forward`` takes ``dict[str, Tensor]`` of
 embeddings ``(B, D_m)`` plus ``present`` ``dict[str, BoolTensor (B,)]`` and
-returns the fused embedding ``(B, out_dim)``.  Keys are iterated in sorted
-order.  Missing modalities are handled inside the strategy.
+returns a dict with ``embedding`` ``(B, out_dim)`` and, for strategies that
+weigh modalities, ``attention`` ``(B, M)`` (columns in sorted modality order,
+0 for a missing modality, rows summing to 1).  Keys are iterated in sorted
+order.  Missing modalities are handled inside every strategy: whatever sits in
+an absent modality's embedding row never influences the output.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import torch
@@ -34,8 +38,32 @@ def create_fusion(name: str, modality_to_dim: Mapping[str, int], out_dim: int, *
     return _FUSIONS[name](modality_to_dim, out_dim, **kwargs)
 
 
+class _FusionBase(nn.Module):
+    def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, dropout: float) -> None:
+        super().__init__()
+        if not modality_to_dim:
+            raise ValueError("modality_to_dim must name at least one modality")
+        if any(int(d) < 1 for d in modality_to_dim.values()):
+            raise ValueError(f"modality_to_dim sizes must be >= 1, got {dict(modality_to_dim)}")
+        if out_dim < 1:
+            raise ValueError(f"out_dim must be >= 1, got {out_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.modalities = sorted(modality_to_dim)
+        self.modality_to_dim = {m: int(modality_to_dim[m]) for m in self.modalities}
+        self.out_dim = out_dim
+
+    def _with_missing_tokens(self, embeddings, present, tokens: nn.ParameterDict) -> list[torch.Tensor]:
+        out = []
+        for m in self.modalities:
+            e = embeddings[m]
+            p = present[m].to(e.dtype).unsqueeze(1)
+            out.append(p * e + (1 - p) * tokens[m].unsqueeze(0))
+        return out
+
+
 @register_fusion("concat")
-class ConcatFusion(nn.Module):
+class ConcatFusion(_FusionBase):
     """Intermediate fusion by concatenation.
 
     A patient's missing modality is replaced by a learned per-modality
@@ -43,35 +71,152 @@ class ConcatFusion(nn.Module):
     trainable input for "not measured" rather than a zero that could be
     confused with a real embedding.  The concatenation is projected to
     ``out_dim`` by Linear -> ReLU -> Dropout.
-
-    Parameters
-    ----------
-    modality_to_dim
-        Embedding size of each modality.
-    out_dim
-        Size of the fused embedding.
-    dropout
-        Dropout after the projection.
     """
 
     def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, *, dropout: float = 0.2) -> None:
-        super().__init__()
-        if not modality_to_dim:
-            raise ValueError("modality_to_dim must name at least one modality")
-        if out_dim < 1:
-            raise ValueError(f"out_dim must be >= 1, got {out_dim}")
-        self.modalities = sorted(modality_to_dim)
-        self.missing = nn.ParameterDict(
-            {m: nn.Parameter(torch.zeros(modality_to_dim[m])) for m in self.modalities}
-        )
-        total = sum(modality_to_dim[m] for m in self.modalities)
+        super().__init__(modality_to_dim, out_dim, dropout)
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m, d in self.modality_to_dim.items()})
+        total = sum(self.modality_to_dim.values())
         self.proj = nn.Sequential(nn.Linear(total, out_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.out_dim = out_dim
 
-    def forward(self, embeddings: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for m in self.modalities:
-            e = embeddings[m]
-            p = present[m].to(e.dtype).unsqueeze(1)
-            parts.append(p * e + (1 - p) * self.missing[m].unsqueeze(0))
-        return self.proj(torch.cat(parts, dim=1))
+    def forward(self, embeddings, present) -> dict:
+        parts = self._with_missing_tokens(embeddings, present, self.missing)
+        return {"embedding": self.proj(torch.cat(parts, dim=1))}
+
+
+@register_fusion("gated_attention")
+class GatedAttentionFusion(_FusionBase):
+    """Attention-weighted sum of projected modality embeddings.
+
+    Each modality is projected to ``out_dim`` (``h_m``); a gated attention score
+    ``s_m = w^T (tanh(V h_m) * sigmoid(U h_m))`` (Ilse et al. 2018, ICML,
+    "Attention-based deep multiple instance learning", eq. 9) is soft-maxed over
+    the patient's *present* modalities; the fused embedding is
+    ``sum_m a_m h_m``.  The weights ``a`` are returned as ``attention``.
+    """
+
+    def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, *, dropout: float = 0.2,
+                 attn_dim: int = 32) -> None:
+        super().__init__(modality_to_dim, out_dim, dropout)
+        if attn_dim < 1:
+            raise ValueError(f"attn_dim must be >= 1, got {attn_dim}")
+        self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, out_dim), nn.ReLU(), nn.Dropout(dropout))
+                                   for m, d in self.modality_to_dim.items()})
+        self.V = nn.Linear(out_dim, attn_dim)
+        self.U = nn.Linear(out_dim, attn_dim)
+        self.w = nn.Linear(attn_dim, 1)
+
+    def forward(self, embeddings, present) -> dict:
+        h = torch.stack([self.proj[m](embeddings[m]) for m in self.modalities], dim=1)  # (B, M, D)
+        mask = torch.stack([present[m] for m in self.modalities], dim=1)  # (B, M)
+        scores = self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h))).squeeze(-1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(scores, dim=1)
+        attn = torch.nan_to_num(attn, nan=0.0)  # a patient with no modality at all
+        h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return {"embedding": (attn.unsqueeze(-1) * h).sum(1), "attention": attn}
+
+
+@register_fusion("tensor")
+class LowRankTensorFusion(_FusionBase):
+    """Bilinear/Kronecker (tensor) fusion, in low-rank form.
+
+    Tensor Fusion (Zadeh et al. 2017, EMNLP; as used by PathomicFusion,
+    Chen et al. 2020) appends a constant 1 to every modality embedding and takes
+    their outer (Kronecker) product, so the fused vector holds every uni-, bi-
+    and higher-order interaction; a linear layer on it has
+    ``prod_m (D_m + 1) * out_dim`` weights, far too many for six modalities.
+    Low-rank Multimodal Fusion (Liu et al. 2018, ACL, eq. 6) writes that weight
+    tensor as a rank-``R`` sum of per-modality factors, which gives exactly the
+    linear map of the Kronecker product with that weight tensor::
+
+        z = sum_{r=1}^{R} lambda_r * prod_m ( W_m^{(r)} [h_m; 1] )
+
+    A missing modality is replaced by a learned token (as in ``concat``).
+    """
+
+    def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, *, dropout: float = 0.2,
+                 rank: int = 4) -> None:
+        super().__init__(modality_to_dim, out_dim, dropout)
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.rank = rank
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m, d in self.modality_to_dim.items()})
+        self.factors = nn.ParameterDict()
+        for m, d in self.modality_to_dim.items():
+            w = torch.empty(rank, d + 1, out_dim)
+            nn.init.xavier_normal_(w)
+            self.factors[m] = nn.Parameter(w)
+        self.rank_weights = nn.Parameter(torch.full((rank,), 1.0 / rank))
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        self.post = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+
+    def forward(self, embeddings, present) -> dict:
+        parts = self._with_missing_tokens(embeddings, present, self.missing)
+        prod = None
+        for m, e in zip(self.modalities, parts):
+            e1 = torch.cat([e, torch.ones_like(e[:, :1])], dim=1)  # (B, D+1)
+            f = torch.einsum("bd,rdo->bro", e1, self.factors[m])  # (B, R, O)
+            prod = f if prod is None else prod * f
+        z = torch.einsum("r,bro->bo", self.rank_weights, prod) + self.bias
+        return {"embedding": self.post(z)}
+
+
+class _AttnBlock(nn.Module):
+    """Pre-norm transformer block that also returns its attention weights."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, key_padding_mask):
+        h = self.norm1(x)
+        a, w = self.attn(h, h, h, key_padding_mask=key_padding_mask, need_weights=True, average_attn_weights=True)
+        x = x + self.drop(a)
+        x = x + self.drop(self.ff(self.norm2(x)))
+        return x, w
+
+
+@register_fusion("cross_attention")
+class CrossModalAttentionFusion(_FusionBase):
+    """Transformer over modality tokens with a key-padding mask for missing modalities.
+
+    Each present modality becomes a token (its embedding projected to
+    ``out_dim`` plus a learned modality-type embedding); a learned [CLS] token
+    is prepended; ``num_layers`` transformer blocks (Vaswani et al. 2017) attend
+    only to the [CLS] token and the present modalities (absent ones are masked
+    as keys).  The fused embedding is the final [CLS] token; ``attention`` is
+    the last block's [CLS]-to-modality attention (averaged over heads),
+    renormalised over modalities.
+    """
+
+    def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, *, dropout: float = 0.1,
+                 num_heads: int = 4, num_layers: int = 2) -> None:
+        super().__init__(modality_to_dim, out_dim, dropout)
+        if num_heads < 1 or out_dim % num_heads:
+            raise ValueError(f"num_heads must divide out_dim ({out_dim}), got {num_heads}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.proj = nn.ModuleDict({m: nn.Linear(d, out_dim) for m, d in self.modality_to_dim.items()})
+        self.type_emb = nn.Parameter(torch.randn(len(self.modalities), out_dim) / math.sqrt(out_dim))
+        self.cls = nn.Parameter(torch.zeros(1, 1, out_dim))
+        self.blocks = nn.ModuleList([_AttnBlock(out_dim, num_heads, dropout) for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, embeddings, present) -> dict:
+        b = next(iter(embeddings.values())).shape[0]
+        tokens = torch.stack([self.proj[m](embeddings[m]) for m in self.modalities], dim=1) + self.type_emb
+        mask = torch.stack([present[m] for m in self.modalities], dim=1)  # (B, M) True = present
+        tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
+        x = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1)
+        pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=mask.device), ~mask], dim=1)
+        w = None
+        for blk in self.blocks:
+            x, w = blk(x, pad)
+        attn = w[:, 0, 1:] * mask
+        attn = attn / attn.sum(1, keepdim=True).clamp_min(1e-12)
+        return {"embedding": self.norm(x[:, 0]), "attention": attn}
