@@ -89,6 +89,18 @@ class FusionConfig(_Strict):
     kwargs: dict = Field(default_factory=dict, description="extra arguments of the fusion strategy")
 
 
+class AdversaryConfig(_Strict):
+    """Adversarial confounder removal (gradient reversal, DANN schedule)."""
+
+    enabled: bool = False
+    confounders: list[str] = Field(default_factory=lambda: ["site"], description="names from data.confounders")
+    continuous: list[str] = Field(default_factory=list, description="which of them are continuous")
+    weight: float = Field(1.0, ge=0.0)
+    lambda_max: float = Field(3.0, ge=0.0, description="GRL strength reached at the end of training")
+    hidden: int = Field(0, ge=0, description="hidden size of each adversary head; 0 = linear heads")
+    steps: int = Field(5, ge=0, description="adversary-only updates per training step")
+
+
 class TrainingConfig(_Strict):
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(32, ge=2)
@@ -119,6 +131,7 @@ class ExperimentConfig(_Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     modalities: dict[str, ModalityConfig]
     fusion: FusionConfig = Field(default_factory=FusionConfig)
+    adversary: AdversaryConfig = Field(default_factory=AdversaryConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -144,6 +157,10 @@ class ExperimentConfig(_Strict):
         for m in IMAGE_MODALITIES:
             if m in self.modalities and self.modalities[m].preprocessing is None:
                 self.modalities[m].preprocessing = ImagePreprocessing()
+        known = set(self.data.confounders) | {"site"}
+        for c in self.adversary.confounders + self.adversary.continuous:
+            if c not in known:
+                raise ValueError(f"adversary: '{c}' is not listed in data.confounders (or 'site')")
         if self.task.kind != "survival":
             raise ValueError("task.kind 'classification' is not available yet; use 'survival'")
         return self

@@ -115,7 +115,7 @@ def load_cohort(cfg: ExperimentConfig, *, progress: bool = True, workers: int = 
         sites=manifest["site"].to_numpy(dtype=str),
         time=manifest[cfg.task.time].to_numpy(dtype=np.float32),
         event=manifest[cfg.task.event].to_numpy(dtype=bool),
-        confounders={c: manifest[c].to_numpy() for c in d.confounders},
+        confounders={c: manifest[c].to_numpy() for c in dict.fromkeys(["site", *d.confounders])},
         modalities=mods,
         present=present,
     )
@@ -214,6 +214,26 @@ class FoldTransforms:
                 cohort.ehr_events, tr_ids
             )
             self.input_dims_["ehr"] = len(self.ehr_.variables_)
+        adv = self.cfg.adversary
+        self.confounder_kinds_: dict[str, int] = {}
+        self.confounder_stats_: dict[str, object] = {}
+        if adv.enabled:
+            for c in adv.confounders:
+                vals = cohort.confounders[c]
+                if c in adv.continuous:
+                    x = pd.to_numeric(pd.Series(vals[train_idx]), errors="coerce").to_numpy(dtype=float)
+                    if np.isnan(x).any():
+                        raise InputError("non-numeric value in a continuous confounder", file=self.cfg.data.manifest,
+                                         field=c)
+                    self.confounder_stats_[c] = (float(x.mean()), float(x.std()) or 1.0)
+                    self.confounder_kinds_[c] = 0
+                else:
+                    cats = sorted(set(map(str, vals[train_idx])))
+                    if len(cats) < 2:
+                        raise InputError(f"confounder has a single value ({cats[0]!r}) among training patients; "
+                                         "an adversary needs at least two", file=self.cfg.data.manifest, field=c)
+                    self.confounder_stats_[c] = cats
+                    self.confounder_kinds_[c] = len(cats)
         if "clinical" in mods:
             from data_adapters.clinical import ClinicalPreprocessor
 
@@ -235,6 +255,18 @@ def make_tensors(cohort: Cohort, idx: Sequence[int], tf: FoldTransforms) -> dict
         "patient_id": [cohort.pseudonyms[i] for i in idx],
         "report": {},
     }
+    if tf.confounder_kinds_:
+        conf = {}
+        for c, kind in tf.confounder_kinds_.items():
+            vals = cohort.confounders[c][idx]
+            if kind == 0:
+                mu, sd = tf.confounder_stats_[c]
+                x = pd.to_numeric(pd.Series(vals), errors="coerce").to_numpy(dtype=float)
+                conf[c] = torch.from_numpy(((x - mu) / sd).astype(np.float32))
+            else:
+                pos = {v: i for i, v in enumerate(tf.confounder_stats_[c])}
+                conf[c] = torch.tensor([pos.get(str(v), -1) for v in vals], dtype=torch.long)
+        out["confounders"] = conf
     for m in cohort.modalities:
         if m in IMAGE_MODALITIES:
             out[m] = torch.from_numpy(cohort.images[m][idx])

@@ -51,11 +51,12 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
 
 def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed):
     seed_everything(seed)  # initial weights depend only on the seed, not on what ran before
-    model = build_model(cfg, tf.input_dims_, modalities)
+    model = build_model(cfg, tf.input_dims_, modalities, confounder_kinds=tf.confounder_kinds_)
     if "ehr" in modalities and hasattr(model.encoders["ehr"], "set_empirical_mean"):
         model.encoders["ehr"].set_empirical_mean(torch.as_tensor(tf.ehr_.empirical_mean_, dtype=torch.float32))
     return train_model(model, tensors["train"], tensors["validation"], cfg.training, seed=seed, device=device,
-                       progress=progress, desc=desc)
+                       progress=progress, desc=desc, lambda_max=cfg.adversary.lambda_max,
+                       adversary_steps=cfg.adversary.steps)
 
 
 def _prepare(cfg: ExperimentConfig, progress: bool):
@@ -236,7 +237,7 @@ def evaluate_run(run: str | Path, *, progress: bool = True) -> dict:
         (p.parent.name, p) for p in (run / "ablation").glob("*/checkpoint.pt")
     ):
         ck = load_checkpoint(path)
-        model = build_model(cfg, tf.input_dims_, ck["modalities"])
+        model = build_model(cfg, tf.input_dims_, ck["modalities"], confounder_kinds=tf.confounder_kinds_)
         model.load_state_dict(ck["state_dict"])
         models[name] = model.to(device).eval()
     metrics = _evaluate(cfg, cohort, splits, tensors, models, device, run)

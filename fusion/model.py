@@ -51,7 +51,8 @@ class FusionModel(nn.Module):
     """
 
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: nn.Module, head: nn.Module, *,
-                 aux_loss_weight: float = 0.0, modality_dropout: float = 0.0) -> None:
+                 aux_loss_weight: float = 0.0, modality_dropout: float = 0.0,
+                 adversary: nn.Module | None = None, adversary_weight: float = 1.0) -> None:
         super().__init__()
         if aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
@@ -63,6 +64,8 @@ class FusionModel(nn.Module):
         self.head = head
         self.aux_loss_weight = float(aux_loss_weight)
         self.modality_dropout = float(modality_dropout)
+        self.adversary = adversary
+        self.adversary_weight = float(adversary_weight)
         self.aux_heads = nn.ModuleDict(
             {m: nn.Linear(encoders[m].out_dim, 1) for m in self.modalities} if aux_loss_weight > 0 else {}
         )
@@ -103,6 +106,8 @@ class FusionModel(nn.Module):
         out = {"risk": risk, "embedding": fused, "modality_embeddings": embeddings}
         if "attention" in fusion_out:
             out["attention"] = fusion_out["attention"]
+        if self.adversary is not None:
+            out["confounder_logits"] = self.adversary(fused)
         if "time" in batch and "event" in batch:
             out["loss_cox"] = cox_ph_loss(risk, batch["time"], batch["event"])
             out["loss"] = out["loss_cox"]
@@ -117,10 +122,14 @@ class FusionModel(nn.Module):
                 if aux:
                     out["loss_aux"] = torch.stack(aux).mean()
                     out["loss"] = out["loss"] + self.aux_loss_weight * out["loss_aux"]
+            if self.adversary is not None and "confounders" in batch:
+                out["loss_adv"] = self.adversary.loss(out["confounder_logits"], batch["confounders"])
+                out["loss"] = out["loss"] + self.adversary_weight * out["loss_adv"]
         return out
 
 
-def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities: list[str]) -> FusionModel:
+def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities: list[str], *,
+                confounder_kinds: Mapping[str, int] | None = None) -> FusionModel:
     """Build a model for ``modalities`` from the config.
 
     ``input_dims`` gives, per modality, the channel count (images) or feature
@@ -145,5 +154,11 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
         **cfg.fusion.kwargs,
     )
     head = nn.Linear(cfg.fusion.hidden, 1)
+    adversary = None
+    if cfg.adversary.enabled and confounder_kinds:
+        from fusion.adversarial import ConfounderAdversary
+
+        adversary = ConfounderAdversary(cfg.fusion.hidden, confounder_kinds, hidden=cfg.adversary.hidden)
     return FusionModel(encoders, fusion, head, aux_loss_weight=cfg.fusion.aux_loss_weight,
-                       modality_dropout=cfg.training.modality_dropout)
+                       modality_dropout=cfg.training.modality_dropout, adversary=adversary,
+                       adversary_weight=cfg.adversary.weight)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fusion.adversarial import adversary_inner_steps, dann_lambda
 from fusion.config import TrainingConfig
 from fusion.data import take, to_device
 from fusion.metrics import harrell_c
@@ -69,17 +70,28 @@ def train_model(
     device: torch.device,
     progress: bool = True,
     desc: str = "train",
+    lambda_max: float = 1.0,
+    adversary_steps: int = 0,
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Fit ``model`` on ``train``; keep the epoch with the best validation c-index.
 
     Returns the model (best weights loaded, eval mode) and the per-epoch history
-    (``epoch``, ``loss``, ``val_c_index``).
+    (``epoch``, ``loss``, ``val_c_index``).  A model with an ``adversary`` gets
+    its gradient-reversal strength set every step by the DANN schedule, scaled
+    to ``lambda_max``, and ``adversary_steps`` adversary-only updates after
+    every step (see :func:`fusion.adversarial.adversary_inner_steps`).
     """
     seed_everything(seed)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     n = train["time"].shape[0]
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total_steps = max(1, cfg.epochs * steps_per_epoch - 1)
+    adversary = getattr(model, "adversary", None)
+    adv_opt = (torch.optim.Adam(adversary.parameters(), lr=cfg.lr)
+               if adversary is not None and adversary_steps > 0 else None)
+    step = 0
     best_c, best_state, best_epoch, bad = -np.inf, None, -1, 0
     history: list[dict] = []
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
@@ -87,12 +99,19 @@ def train_model(
         model.train()
         losses = []
         for idx in _batches(n, cfg.batch_size, rng):
+            if adversary is not None:
+                adversary.lambd = lambda_max * dann_lambda(min(1.0, step / total_steps))
+            step += 1
             b = to_device(take(train, idx), device)
             out = model(b)
             loss = out["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if adv_opt is not None and "confounders" in b:
+                with torch.no_grad():  # the updated encoders' embedding of this batch
+                    z_now = model({k: v for k, v in b.items() if k not in ("time", "event")})["embedding"]
+                adversary_inner_steps(adversary, adv_opt, z_now, b["confounders"], adversary_steps)
             losses.append(float(loss.detach()))
         pv = predict(model, val, device=device)
         c = harrell_c(val["event"].numpy(), val["time"].numpy(), pv["risk"])

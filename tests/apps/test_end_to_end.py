@@ -131,3 +131,25 @@ def test_unknown_confounder_column_through_cli(small_cohort, tmp_path, capsys):
 def test_non_empty_run_folder_is_refused(small_cohort, small_run, tmp_path, capsys):
     rc = main(["-q", "train", "--config", str(_small_config(small_cohort, tmp_path)), "--out", str(small_run)])
     assert rc == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_adversarial_training_through_the_config(small_cohort, tmp_path):
+    cfg_path = _small_config(small_cohort, tmp_path, epochs=2)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["adversary"] = {"enabled": True, "confounders": ["site", "scanner"]}
+    cfg["evaluation"]["ablation"] = False
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "adv"
+    assert main(["-q", "train", "--config", str(cfg_path), "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["ablation"]) == {"fused"} and 0.0 <= metrics["c_index"] <= 1.0
+    assert main(["-q", "evaluate", "--run", str(run)]) == 0
+
+
+def test_adversary_on_an_unknown_confounder_is_a_config_error(small_cohort, tmp_path, capsys):
+    cfg_path = _small_config(small_cohort, tmp_path)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["adversary"] = {"enabled": True, "confounders": ["ancestry"]}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "train", "--config", str(cfg_path), "--out", str(tmp_path / "r")]) == 2
+    assert "ancestry" in capsys.readouterr().err

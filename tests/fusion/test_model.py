@@ -62,3 +62,19 @@ def test_unknown_fusion_lists_valid_names():
     with pytest.raises(ValueError) as e:
         create_fusion("kronecker9", {"a": 2}, 4)
     assert all(n in str(e.value) for n in list_fusions())
+
+
+def test_adversary_outputs_and_loss():
+    from fusion.adversarial import ConfounderAdversary
+
+    torch.manual_seed(0)
+    enc = {"clinical": create_encoder("mlp", 3, 4)}
+    fusion = create_fusion("concat", {"clinical": 4}, 8, dropout=0.0)
+    adv = ConfounderAdversary(8, {"site": 3, "age": 0})
+    m = FusionModel(enc, fusion, torch.nn.Linear(8, 1), adversary=adv, adversary_weight=0.5)
+    b = _batch()
+    b["modalities"], b["present"] = ["clinical"], b["present"][:, :1]
+    b["confounders"] = {"site": torch.tensor([0, 1, 2, 1]), "age": torch.randn(4)}
+    out = m(b)
+    assert out["confounder_logits"]["site"].shape == (4, 3)
+    torch.testing.assert_close(out["loss"], out["loss_cox"] + 0.5 * out["loss_adv"])
