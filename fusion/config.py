@@ -113,7 +113,8 @@ class TrainingConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    scheme: Literal["holdout"] = "holdout"
+    scheme: Literal["holdout", "loso"] = "holdout"
+    held_out_sites: Optional[list[str]] = Field(None, description="loso: sites to hold out (default: every site)")
     test_fraction: float = Field(0.25, gt=0, lt=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     stratify: list[str] = Field(default_factory=lambda: ["site", "event"])

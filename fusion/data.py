@@ -356,3 +356,28 @@ def _safe(strata: np.ndarray, idx: np.ndarray):
     s = strata[idx]
     counts = pd.Series(s).value_counts()
     return s if counts.min() >= 2 else None
+
+
+def site_holdout(cohort: Cohort, site: str, *, val_fraction: float, stratify: Sequence[str],
+                 seed: int) -> dict[str, np.ndarray]:
+    """Test = every patient of ``site``; train / validation from the other sites, stratified."""
+    from sklearn.model_selection import train_test_split
+
+    test = np.flatnonzero(cohort.sites == site)
+    rest = np.flatnonzero(cohort.sites != site)
+    if len(test) == 0:
+        raise ValueError(f"site {site!r} has no patients")
+    keys = []
+    for s in stratify:
+        if s == "site":
+            keys.append(cohort.sites.astype(str))
+        elif s == "event":
+            keys.append(cohort.event.astype(int).astype(str))
+        elif s in cohort.confounders:
+            keys.append(cohort.confounders[s].astype(str))
+        else:
+            raise ValueError(f"split.stratify: unknown column {s!r}; use 'site', 'event' or a confounder")
+    strata = np.array(["|".join(t) for t in zip(*keys)]) if keys else np.zeros(len(cohort), dtype=str)
+    n_val = max(1, int(round(val_fraction * len(rest))))
+    train, val = train_test_split(rest, test_size=n_val, random_state=seed + 1, stratify=_safe(strata, rest))
+    return {"train": np.sort(train), "validation": np.sort(val), "test": np.sort(test)}

@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 
 from fusion.config import ExperimentConfig, load_config
-from fusion.data import Cohort, FoldTransforms, load_cohort, make_tensors, stratified_holdout
+from fusion.audit import confounder_probe
+from fusion.data import Cohort, FoldTransforms, load_cohort, make_tensors, site_holdout, stratified_holdout
 from fusion.metrics import c_index_by_group, harrell_c, logrank_p
 from fusion.model import build_model
 from fusion.provenance import atomic_write_bytes, atomic_write_json, load_checkpoint, provenance, save_checkpoint
@@ -59,14 +60,6 @@ def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed)
                        adversary_steps=cfg.adversary.steps)
 
 
-def _prepare(cfg: ExperimentConfig, progress: bool):
-    cohort = load_cohort(cfg, progress=progress)
-    s = cfg.split
-    splits = stratified_holdout(cohort, test_fraction=s.test_fraction, val_fraction=s.val_fraction,
-                                stratify=s.stratify, seed=cfg.seed)
-    return _prepare_from(cfg, cohort, splits)
-
-
 def _configure_torch(cfg: ExperimentConfig) -> torch.device:
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
@@ -74,8 +67,45 @@ def _configure_torch(cfg: ExperimentConfig) -> torch.device:
     return resolve_device(cfg.training.device)
 
 
+def _write_splits(path: Path, cohort: Cohort, splits: dict) -> None:
+    split_col = np.full(len(cohort), "excluded", dtype=object)
+    for k, v in splits.items():
+        split_col[v] = k
+    pd.DataFrame({"patient": cohort.pseudonyms, "split": split_col}).to_csv(path, index=False)
+
+
+def _run_fold(cfg: ExperimentConfig, cohort: Cohort, splits: dict, out: Path, device, progress: bool,
+              *, ablation: bool) -> tuple[dict, dict]:
+    """Fit transforms, train (fused + ablations), evaluate one split into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    cohort, splits, tf, tensors = _prepare_from(cfg, cohort, splits)
+    log.info("split sizes %s", {k: len(v) for k, v in splits.items()})
+    _write_splits(out / "splits.csv", cohort, splits)
+    histories: dict = {}
+    model, histories["fused"] = _build_and_train(cfg, cohort.modalities, tf, tensors, device, progress,
+                                                 "fused", cfg.seed)
+    _save_model(out / "checkpoint.pt", model, cohort.modalities, cfg)
+    models = {"fused": model}
+    if ablation and len(cohort.modalities) > 1:
+        for m in cohort.modalities:
+            mm, histories[m] = _build_and_train(cfg, [m], tf, tensors, device, progress, f"only {m}", cfg.seed)
+            _save_model(out / "ablation" / m / "checkpoint.pt", mm, [m], cfg)
+            models[m] = mm
+    atomic_write_json(out / "history.json", histories)
+    metrics = _evaluate(cfg, cohort, splits, tensors, models, device, out)
+    return metrics, {k: v.get("report", {}) for k, v in tensors.items()}
+
+
 def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False) -> dict:
-    """Train and evaluate ``cfg`` into the run folder ``out``; return the metrics."""
+    """Train and evaluate ``cfg`` into the run folder ``out``; return the metrics.
+
+    ``split.scheme: holdout`` trains once (train / validation / test stratified
+    by ``split.stratify``).  ``split.scheme: loso`` (leave one site out) trains
+    one model per held-out site (``split.held_out_sites``, default every site)
+    on the other sites, each fold in ``out/folds/<site>/``, and reports
+    ``folds`` (site -> c-index of that held-out site), their mean as
+    ``c_index``, and ``confounder_probe_auc`` averaged over folds.
+    """
     out = Path(out)
     _prepare_run_dir(out, overwrite)
     handler = _setup_logging(out)
@@ -84,30 +114,20 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = T
         device = _configure_torch(cfg)
         seed_everything(cfg.seed)
         atomic_write_bytes(out / "config.yaml", cfg.to_yaml().encode("utf-8"))
-        cohort, splits, tf, tensors = _prepare(cfg, progress)
-        log.info("cohort: %d patients, modalities %s; split sizes %s", len(cohort), cohort.modalities,
-                 {k: len(v) for k, v in splits.items()})
-        split_col = np.empty(len(cohort), dtype=object)
-        for k, v in splits.items():
-            split_col[v] = k
-        pd.DataFrame({"patient": cohort.pseudonyms, "split": split_col}).to_csv(out / "splits.csv", index=False)
-
-        histories: dict = {}
-        model, histories["fused"] = _build_and_train(cfg, cohort.modalities, tf, tensors, device, progress,
-                                                     "fused", cfg.seed)
-        _save_model(out / "checkpoint.pt", model, cohort.modalities, cfg)
-        models = {"fused": model}
-        if cfg.evaluation.ablation and len(cohort.modalities) > 1:
-            for m in cohort.modalities:
-                mm, histories[m] = _build_and_train(cfg, [m], tf, tensors, device, progress, f"only {m}", cfg.seed)
-                _save_model(out / "ablation" / m / "checkpoint.pt", mm, [m], cfg)
-                models[m] = mm
-        atomic_write_json(out / "history.json", histories)
-        metrics = _evaluate(cfg, cohort, splits, tensors, models, device, out)
+        cohort = load_cohort(cfg, progress=progress)
+        log.info("cohort: %d patients, modalities %s", len(cohort), cohort.modalities)
+        s = cfg.split
+        if s.scheme == "holdout":
+            splits = stratified_holdout(cohort, test_fraction=s.test_fraction, val_fraction=s.val_fraction,
+                                        stratify=s.stratify, seed=cfg.seed)
+            metrics, transform_report = _run_fold(cfg, cohort, splits, out, device, progress,
+                                                  ablation=cfg.evaluation.ablation)
+        else:
+            metrics, transform_report = _run_loso(cfg, cohort, out, device, progress)
         metrics["train_seconds"] = round(time.time() - t0, 1)
         atomic_write_json(out / "metrics.json", metrics)
         report = dict(cohort.report)
-        report["transform"] = {k: v.get("report", {}) for k, v in tensors.items()}
+        report["transform"] = transform_report
         atomic_write_json(out / "report.json", _jsonable(report))
         atomic_write_json(out / "provenance.json", provenance(
             seed=cfg.seed,
@@ -119,6 +139,49 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = T
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _aggregate_loso(cfg: ExperimentConfig, cohort: Cohort, fold_metrics: dict[str, dict]) -> dict:
+    folds, probes = [], {}
+    for site, m in fold_metrics.items():
+        folds.append({"site": site, "c_index": m["c_index"], "n_test": m["n_patients"]["test"],
+                      "ablation": m["ablation"], "confounder_probe_auc": m["confounder_probe_auc"]})
+        for k, v in m["confounder_probe_auc"].items():
+            if v is not None:
+                probes.setdefault(k, []).append(v)
+    cs = [f["c_index"] for f in folds if f["c_index"] is not None and not np.isnan(f["c_index"])]
+    return {
+        "c_index": round(float(np.mean(cs)), 4) if cs else None,
+        "c_index_per_site": {f["site"]: f["c_index"] for f in folds},
+        "folds": folds,
+        "confounder_probe_auc": {k: round(float(np.mean(v)), 4) for k, v in probes.items()},
+        "ablation": {name: round(float(np.mean([f["ablation"][name] for f in folds])), 4)
+                     for name in folds[0]["ablation"]},
+        "n_patients": {"total": len(cohort), "folds": len(folds)},
+        "modalities": cohort.modalities,
+        "split_scheme": "loso",
+        "seed": cfg.seed,
+    }
+
+
+def _run_loso(cfg: ExperimentConfig, cohort: Cohort, out: Path, device, progress: bool) -> tuple[dict, dict]:
+    sites = sorted(set(cohort.sites.tolist()))
+    if len(sites) < 2:
+        raise ValueError(f"leave-one-site-out needs at least two sites; the manifest has only {sites}")
+    held = cfg.split.held_out_sites or sites
+    unknown = sorted(set(held) - set(sites))
+    if unknown:
+        raise ValueError(f"split.held_out_sites {unknown} are not sites of the manifest; sites: {sites}")
+    fold_metrics, reports = {}, {}
+    for site in held:
+        splits = site_holdout(cohort, site, val_fraction=cfg.split.val_fraction, stratify=cfg.split.stratify,
+                              seed=cfg.seed)
+        log.info("fold: held-out site %s", site)
+        fold_metrics[site], reports[site] = _run_fold(cfg, cohort, splits, out / "folds" / site, device, progress,
+                                                      ablation=cfg.evaluation.ablation)
+        atomic_write_json(out / "folds" / site / "metrics.json", fold_metrics[site])
+    metrics = _aggregate_loso(cfg, cohort, fold_metrics)
+    return metrics, reports
 
 
 def _save_model(path: Path, model: torch.nn.Module, modalities: list[str], cfg: ExperimentConfig) -> None:
@@ -151,6 +214,18 @@ def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -
     pred_df.to_csv(out / "predictions.csv", index=False)
     test_groups = np.digitize(fused_test, cuts)
     _plot_km(ev, tm, test_groups, k, out / "km_risk_groups.png")
+    # Audit: can each confounder be read off the fused embedding (all patients, probe cross-validated)?
+    order = np.concatenate([splits[k_] for k_ in splits])
+    emb = np.concatenate([preds["fused"][k_]["embedding"] for k_ in splits])
+    probe_auc, probe_r2 = {}, {}
+    for c, vals in cohort.confounders.items():
+        if c in cfg.adversary.continuous:
+            r2 = confounder_probe(emb, pd.to_numeric(pd.Series(vals[order]), errors="coerce").to_numpy(),
+                                  continuous=True, seed=cfg.seed)
+            probe_r2[c] = None if r2 is None else round(r2, 4)
+        else:
+            auc = confounder_probe(emb, vals[order], seed=cfg.seed)
+            probe_auc[c] = None if auc is None else round(auc, 4)
     return {
         "c_index": round(harrell_c(ev, tm, fused_test), 4),
         "c_index_validation": round(harrell_c(cohort.event[splits["validation"]], cohort.time[splits["validation"]],
@@ -161,6 +236,8 @@ def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -
                        "test": int(len(test))},
         "n_events": {k: int(cohort.event[v].sum()) for k, v in splits.items()},
         "logrank_p_risk_groups": logrank_p(ev, tm, test_groups),
+        "confounder_probe_auc": probe_auc,
+        "confounder_probe_r2": probe_r2,
         "modalities": cohort.modalities,
         "split_scheme": cfg.split.scheme,
         "seed": cfg.seed,
@@ -208,41 +285,59 @@ def _jsonable(obj):
 
 
 def evaluate_run(run: str | Path, *, progress: bool = True) -> dict:
-    """Re-evaluate a finished run from its checkpoints, config and recorded split.
+    """Re-evaluate a finished run from its checkpoints, config and recorded splits.
 
     Preprocessing statistics are refitted on the recorded training patients
     (deterministic), the saved weights are loaded with ``weights_only=True``,
-    and ``metrics.json`` / ``predictions.csv`` / the KM plot are rewritten.
+    and ``metrics.json`` / ``predictions.csv`` / the KM plot are rewritten (per
+    fold for leave-one-site-out runs).
     """
     run = Path(run)
-    for name in ("config.yaml", "splits.csv", "checkpoint.pt"):
-        if not (run / name).exists():
-            raise FileNotFoundError(f"{run} is not a run folder: {name} is missing")
+    if not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{run} is not a run folder: config.yaml is missing")
     cfg = load_config(run / "config.yaml")
     device = _configure_torch(cfg)
     seed_everything(cfg.seed)
     cohort = load_cohort(cfg, progress=progress)
-    split_df = pd.read_csv(run / "splits.csv")
+    if cfg.split.scheme == "holdout":
+        metrics = _evaluate_fold(cfg, cohort, run, device)
+    else:
+        fold_dirs = sorted(p for p in (run / "folds").iterdir() if p.is_dir()) if (run / "folds").is_dir() else []
+        if not fold_dirs:
+            raise FileNotFoundError(f"{run} is a leave-one-site-out run without folds/")
+        fold_metrics = {}
+        for d in fold_dirs:
+            fold_metrics[d.name] = _evaluate_fold(cfg, cohort, d, device)
+            atomic_write_json(d / "metrics.json", fold_metrics[d.name])
+        metrics = _aggregate_loso(cfg, cohort, fold_metrics)
+    atomic_write_json(run / "metrics.json", metrics)
+    return metrics
+
+
+def _evaluate_fold(cfg: ExperimentConfig, cohort: Cohort, fold: Path, device) -> dict:
+    for name in ("splits.csv", "checkpoint.pt"):
+        if not (fold / name).exists():
+            raise FileNotFoundError(f"{fold} is not a run folder: {name} is missing")
+    split_df = pd.read_csv(fold / "splits.csv")
     pos = {p: i for i, p in enumerate(cohort.pseudonyms)}
     unknown = [p for p in split_df["patient"] if p not in pos]
     if unknown:
         raise ValueError(
-            f"{len(unknown)} patients of {run / 'splits.csv'} are not in the cohort (different manifest, or a "
+            f"{len(unknown)} patients of {fold / 'splits.csv'} are not in the cohort (different manifest, or a "
             "different pseudonymisation salt than the run used)"
         )
+    split_df = split_df[split_df["split"] != "excluded"]
     splits = {k: np.sort(np.array([pos[p] for p in g["patient"]])) for k, g in split_df.groupby("split")}
     cohort, splits, tf, tensors = _prepare_from(cfg, cohort, splits)
     models = {}
-    for name, path in [("fused", run / "checkpoint.pt")] + sorted(
-        (p.parent.name, p) for p in (run / "ablation").glob("*/checkpoint.pt")
+    for name, path in [("fused", fold / "checkpoint.pt")] + sorted(
+        (p.parent.name, p) for p in (fold / "ablation").glob("*/checkpoint.pt")
     ):
         ck = load_checkpoint(path)
         model = build_model(cfg, tf.input_dims_, ck["modalities"], confounder_kinds=tf.confounder_kinds_)
         model.load_state_dict(ck["state_dict"])
         models[name] = model.to(device).eval()
-    metrics = _evaluate(cfg, cohort, splits, tensors, models, device, run)
-    atomic_write_json(run / "metrics.json", metrics)
-    return metrics
+    return _evaluate(cfg, cohort, splits, tensors, models, device, fold)
 
 
 def _prepare_from(cfg, cohort, splits):
@@ -255,7 +350,7 @@ def _prepare_from(cfg, cohort, splits):
 
 def summary_table(metrics: dict) -> str:
     """Plain-text summary printed by the CLI."""
-    lines = ["", "Held-out test patients: Harrell's c-index", "-" * 44]
+    lines = ["", "Held-out patients: Harrell's c-index", "-" * 44]
     for name, c in metrics["ablation"].items():
         lines.append(f"  {name:<12} {c:6.3f}" + ("   <- fused model" if name == "fused" else ""))
     lines.append("")
@@ -264,7 +359,14 @@ def summary_table(metrics: dict) -> str:
         lines.append(f"  {s:<12} {'n/a' if c is None else f'{c:6.3f}'}")
     n = metrics["n_patients"]
     lines.append("")
-    lines.append(f"patients: train {n['train']}, validation {n['validation']}, test {n['test']}")
+    if metrics.get("split_scheme") == "loso":
+        lines.append(f"leave-one-site-out: {n['folds']} folds over {n['total']} patients "
+                     "(c-index above = mean over held-out sites)")
+    else:
+        lines.append(f"patients: train {n['train']}, validation {n['validation']}, test {n['test']}")
+    if metrics.get("confounder_probe_auc"):
+        probes = ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in metrics["confounder_probe_auc"].items())
+        lines.append(f"confounder probe AUC on the fused embedding (0.5 = removed): {probes}")
     if metrics.get("logrank_p_risk_groups") is not None:
         lines.append(f"log-rank p between predicted risk groups (test): {metrics['logrank_p_risk_groups']:.2g}")
     return "\n".join(lines)

@@ -153,3 +153,43 @@ def test_adversary_on_an_unknown_confounder_is_a_config_error(small_cohort, tmp_
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["-q", "train", "--config", str(cfg_path), "--out", str(tmp_path / "r")]) == 2
     assert "ancestry" in capsys.readouterr().err
+
+
+def test_leave_one_site_out(small_cohort, tmp_path, capsys):
+    cfg_path = _small_config(small_cohort, tmp_path, epochs=2)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["split"] = {"scheme": "loso", "val_fraction": 0.2, "stratify": ["event"]}
+    cfg["evaluation"]["ablation"] = False
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "loso"
+    assert main(["-q", "train", "--config", str(cfg_path), "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    sites = sorted(pd.read_csv(small_cohort / "manifest.csv")["site"].unique())
+    assert [f["site"] for f in metrics["folds"]] == sites
+    for f in metrics["folds"]:
+        split = pd.read_csv(run / "folds" / f["site"] / "splits.csv")
+        preds = pd.read_csv(run / "folds" / f["site"] / "predictions.csv")
+        # the held-out site is the test set, and only it
+        assert set(preds.loc[preds["split"] == "test", "site"]) == {f["site"]}
+        assert f["site"] not in set(preds.loc[preds["split"] != "test", "site"])
+        assert (split["split"] == "test").sum() == f["n_test"]
+    assert set(metrics["confounder_probe_auc"]) == {"site", "scanner"}
+    assert "leave-one-site-out" in capsys.readouterr().out
+    assert main(["-q", "evaluate", "--run", str(run)]) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["c_index_per_site"] == pytest.approx(metrics["c_index_per_site"], abs=1e-4)
+
+
+def test_leave_one_site_out_needs_two_sites(small_cohort, tmp_path, capsys):
+    one = tmp_path / "one"
+    shutil.copytree(small_cohort, one, ignore=shutil.ignore_patterns("images", ".radfusion_cache"))
+    (one / "images").symlink_to(small_cohort / "images")
+    df = pd.read_csv(one / "manifest.csv", dtype=str, keep_default_na=False)
+    df["site"] = "SITE-A"
+    df.to_csv(one / "manifest.csv", index=False)
+    cfg_path = _small_config(one, tmp_path)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["split"] = {"scheme": "loso", "stratify": ["event"]}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "train", "--config", str(cfg_path), "--out", str(tmp_path / "r")]) == 2
+    assert "at least two sites" in capsys.readouterr().err
