@@ -1,28 +1,50 @@
 """EHR events (long format) -> GRU-D ready arrays.
 
-Input is a long table (CSV/TSV/Parquet) with one observation per row::
+Input is a long table (CSV/TSV/Parquet, or a DataFrame) with one observation
+per row::
 
     patient_id, time, variable, value[, unit]
 
-``time`` is a number in days (any origin, e.g. days since diagnosis; it must
-be >= 0), ``value`` a number.  :func:`read_ehr_events` validates and tidies the
-table; :class:`EHRPreprocessor` is fitted on the training patients
-(per-variable standardisation, GRU-D empirical means) and turns any set of
-patients into the arrays of the data contract (``values``, ``mask``,
-``delta``, ``times``, ``lengths``).
+``time`` is either a number (any origin and unit, e.g. days since diagnosis;
+it must be >= 0 and is used as given) or a datetime (ISO 8601 text such as
+``2021-03-04`` or ``2021-03-04T08:30:00``, or a datetime column of a Parquet
+file).  Datetimes are turned into numbers relative to a per-patient index
+time (``index_times``, see :func:`read_ehr_events`) in ``time_unit`` (days by
+default, or hours).  ``value`` is a number.  :func:`read_ehr_events`
+validates and tidies the table; :class:`EHRPreprocessor` is fitted on the
+training patients (per-variable standardisation, GRU-D empirical means) and
+turns any set of patients into the arrays of the data contract (``values``,
+``mask``, ``delta``, ``times``, ``lengths``).
 
 Documented rules
 ----------------
 * **Every observation must have a value.**  An empty/NaN ``value`` is an
   error (an absent measurement is simply not a row).  Infinite values are
   errors too.
-* **Time** must be a finite number >= 0; NaN, negative or non-numeric times
-  are errors naming the file, the 1-based data row, the patient and the field.
+* **Numeric time** must be a finite number >= 0; NaN, negative or
+  non-numeric times are errors naming the file, the 1-based data row, the
+  patient and the field.
+* **Datetime time** (the whole column holds datetimes; mixing numbers and
+  datetimes is an error) needs ``index_times`` (``patient_id -> index
+  datetime``, e.g. diagnosis or admission): without it, or for a patient
+  missing from it, :func:`read_ehr_events` raises an :class:`InputError`
+  saying how to give it.  Relative time = (event - index time) in
+  ``time_unit``.  Events *before* the index time (negative relative time) are
+  **excluded and counted** (``n_events_before_index``,
+  ``n_patients_with_events_before_index``): with real timestamps, history
+  before the index date is common and is not an input error.  Naive
+  timestamps are compared as they are (as if UTC); timestamps with an offset
+  are converted to UTC first.
+* **Units**: ``unit_conversions`` (``variable -> {source unit -> factor or
+  function}``) converts every event of a listed variable into its canonical
+  unit; an event whose unit has no entry (or is empty) is an error naming
+  the row, the patient, the variable and the unit.  Variables without an
+  entry are left as they are.
 * **Duplicates**: several events of the same ``(patient_id, time, variable)``
-  are averaged into one event; the number of rows merged away is reported
-  as ``n_duplicates_averaged``.  With a ``unit`` column, duplicates must
-  share their unit (otherwise an error: values in different units cannot be
-  averaged).
+  are averaged into one event (after unit conversion); the number of rows
+  merged away is reported as ``n_duplicates_averaged``.  With a ``unit``
+  column, duplicates of unconverted variables must share their unit
+  (otherwise an error: values in different units cannot be averaged).
 * **Unsorted input** is accepted: events are sorted by ``patient_id``, then
   ``time`` (stable, then ``variable``); ``report["input_sorted"]`` says
   whether the file already was.
@@ -34,8 +56,12 @@ Documented rules
   ["unseen_variables"]`` (and logged), never silently.
 * **Window**: events with ``time > window`` (after the prediction/landmark
   time) are excluded, in ``fit`` and in ``transform``, and counted.
-* **Truncation**: a patient with more than ``max_steps`` distinct observation
-  times keeps the *last* ``max_steps`` ones (counted).
+* **Bucketing** (optional, ``EHRPreprocessor(bucket=w)``): events of a
+  patient whose times fall in the same bucket ``[k w, (k + 1) w)`` form one
+  step (values of a variable averaged, merges counted); default: one step
+  per distinct time.
+* **Truncation**: a patient with more than ``max_steps`` steps keeps the
+  *last* ``max_steps`` ones (counted).
 
 The time-since-last-observation ``delta`` follows Che et al. (2018),
 "Recurrent neural networks for multivariate time series with missing values",
@@ -51,7 +77,8 @@ strictly before step ``t`` (or minus ``s_1`` if there is none).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +87,22 @@ import pandas as pd
 from data_adapters.errors import InputError
 from data_adapters.manifest import read_table
 
-__all__ = ["EHR_COLUMNS", "read_ehr_events", "compute_delta", "EHRPreprocessor"]
+__all__ = ["EHR_COLUMNS", "TIME_UNITS", "read_ehr_events", "read_index_times", "compute_delta", "EHRPreprocessor"]
 
 logger = logging.getLogger(__name__)
 
 #: Required columns of the long-format EHR table.
 EHR_COLUMNS = ("patient_id", "time", "variable", "value")
+
+#: Units of relative time for datetime input, in seconds.
+TIME_UNITS = {"days": 86400.0, "hours": 3600.0}
+
+#: Text read as a missing cell (after stripping blanks).
+_NAN_SPELLINGS = frozenset(v for t in ("nan", "na", "n/a", "null", "none", "nat", "")
+                           for v in (t, t.upper(), t.capitalize(), {"nan": "NaN", "nat": "NaT"}.get(t, t)))
+
+#: A unit conversion: a factor, or a function of a float array.
+UnitConversion = float | Callable[[np.ndarray], np.ndarray]
 
 
 # --------------------------------------------------------------------------- #
@@ -120,10 +157,175 @@ def _numeric_column(df: pd.DataFrame, col: str, file: str | Path | None, *, what
     return arr
 
 
-def _validate_events(df: pd.DataFrame, file: str | Path | None) -> pd.DataFrame:
-    """Check columns and types; return a copy with str ids and float times/values."""
+def _nan_like(raw: pd.Series, text: pd.Series | None = None) -> np.ndarray:
+    """Bool array: the cell is missing (NaN/None/empty) or a text spelling of it (``text``: stripped cells)."""
+    isnull = raw.isna().to_numpy().copy()
+    if text is not None:
+        isnull |= text.isin(_NAN_SPELLINGS).to_numpy()
+    elif raw.dtype == object or pd.api.types.is_string_dtype(raw):
+        isnull |= raw.astype(str).str.strip().isin(_NAN_SPELLINGS).to_numpy()
+    return isnull
+
+
+def _is_datetime_column(raw: pd.Series) -> bool:
+    """Whether ``time`` holds datetimes: a datetime dtype, or text that parses as ISO 8601 dates.
+
+    A text column is a datetime column when one of its first (up to 100)
+    non-numeric, non-empty cells is a datetime or parses as an ISO 8601
+    date/time; a column whose cells are all numbers is numeric.
+    """
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        return True
+    if pd.api.types.is_numeric_dtype(raw) or pd.api.types.is_bool_dtype(raw):
+        return False
+    other = (pd.to_numeric(raw, errors="coerce").isna() & raw.notna()).to_numpy()
+    if not other.any():
+        return False
+    cells = raw[other].head(100)
+    if cells.map(lambda c: isinstance(c, (pd.Timestamp, np.datetime64)) or hasattr(c, "isoformat")).any():
+        return True
+    text = cells.astype(str).str.strip()
+    text = text[~text.isin(_NAN_SPELLINGS)]
+    return bool(pd.to_datetime(text, format="ISO8601", errors="coerce", utc=True).notna().any())
+
+
+def _parse_datetimes(raw: pd.Series, pid: pd.Series, file: str | Path | None, *, field: str,
+                     rows: np.ndarray | None = None) -> pd.Series:
+    """Column of datetimes as UTC timestamps; every cell must be a datetime (not a number, not empty)."""
+    rows = np.arange(len(raw)) if rows is None else rows
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        ts = raw.dt.tz_localize("UTC") if raw.dt.tz is None else raw.dt.tz_convert("UTC")
+        bad = ts.isna().to_numpy()
+        if bad.any():
+            i = _first_bad(bad)
+            raise InputError(f"missing {field}: every row needs a datetime", file=file, row=int(rows[i]) + 1,
+                             patient=str(pid.iloc[i]), field=field)
+        return ts.reset_index(drop=True)
+    if pd.api.types.infer_dtype(raw, skipna=True) == "string":
+        texts = raw.str.strip()
+        isnull = _nan_like(raw, texts)
+    else:  # datetime objects (e.g. a dict of index times), maybe mixed with text
+        texts = raw.map(lambda c: c if isinstance(c, (pd.Timestamp, np.datetime64)) or hasattr(c, "isoformat")
+                        else str(c).strip())
+        isnull = _nan_like(raw)
+    if isnull.any():
+        i = _first_bad(isnull)
+        raise InputError(f"missing/NaN {field}: every row needs a datetime", file=file, row=int(rows[i]) + 1,
+                         patient=str(pid.iloc[i]), field=field)
+    numeric = pd.to_numeric(raw, errors="coerce").notna().to_numpy()
+    ts = pd.to_datetime(texts, format="ISO8601", errors="coerce", utc=True)
+    bad = ts.isna().to_numpy() | numeric
+    if bad.any():
+        i = _first_bad(bad)
+        got = f"the number {raw.iloc[i]!r}" if numeric[i] else repr(raw.iloc[i])
+        raise InputError(
+            f"expected an ISO 8601 datetime such as 2021-03-04 or 2021-03-04T08:30:00 (the {field} column "
+            f"holds datetimes, so every cell must), got {got}",
+            file=file, row=int(rows[i]) + 1, patient=str(pid.iloc[i]), field=field,
+        )
+    return ts.reset_index(drop=True)
+
+
+def read_index_times(index_times: Mapping | pd.Series | pd.DataFrame | str | Path) -> pd.Series:
+    """Per-patient index times (time zero of each patient's datetime events).
+
+    Parameters
+    ----------
+    index_times
+        A mapping ``{patient_id: datetime}`` (``datetime``, ``pandas.Timestamp``
+        or ISO 8601 text), a Series indexed by ``patient_id``, a DataFrame
+        with columns ``patient_id, index_time``, or the path of a CSV/TSV/
+        Parquet file with those columns.
+
+    Returns
+    -------
+    pandas.Series
+        UTC timestamps indexed by ``patient_id`` (str).
+
+    Raises
+    ------
+    InputError
+        Missing column, empty patient id, a value that is not an ISO 8601
+        datetime (row, patient and field named), or one patient given two
+        different index times.
+    """
+    file: str | Path | None = None
+    if isinstance(index_times, (str, Path)):
+        file = index_times
+        table = read_table(index_times, what="index times")
+    elif isinstance(index_times, pd.DataFrame):
+        table = index_times
+    elif isinstance(index_times, pd.Series):
+        table = pd.DataFrame({"patient_id": index_times.index, "index_time": index_times.to_numpy()})
+    elif isinstance(index_times, Mapping):
+        table = pd.DataFrame({"patient_id": list(index_times.keys()), "index_time": list(index_times.values())})
+    else:
+        raise ValueError("index_times must be a mapping patient_id -> datetime, a DataFrame with columns "
+                         f"patient_id, index_time, or a file path; got {type(index_times).__name__}")
+    for col in ("patient_id", "index_time"):
+        if col not in table.columns:
+            raise InputError(f"index times need columns patient_id, index_time; column '{col}' is missing "
+                             f"(found: {', '.join(map(str, table.columns))})", file=file, field=col)
+    table = table.reset_index(drop=True)
+    pid_raw = table["patient_id"]
+    empty = pid_raw.isna().to_numpy() | (pid_raw.astype(str).str.strip() == "").to_numpy()
+    if empty.any():
+        i = _first_bad(empty)
+        raise InputError("empty patient_id in index times", file=file, row=i + 1, field="patient_id")
+    pid = pid_raw.astype(str).str.strip()
+    out = _parse_datetimes(table["index_time"], pid, file, field="index_time").rename("index_time")
+    out.index = pd.Index(pid.to_numpy(), name="patient_id")
+    dup = out.index.duplicated(keep=False)
+    if dup.any():
+        conflicting = out[dup].groupby(level=0).nunique()
+        conflicting = conflicting[conflicting > 1]
+        if len(conflicting):
+            p = str(conflicting.index[0])
+            i = int(np.flatnonzero((pid == p).to_numpy())[-1])
+            raise InputError("patient has two different index times", file=file, row=i + 1, patient=p,
+                             field="index_time")
+        out = out[~out.index.duplicated(keep="first")]
+    return out
+
+
+def _relative_times(
+    ts: pd.Series, pid: pd.Series, index: pd.Series, file: str | Path | None, time_unit: str,
+) -> np.ndarray:
+    """(event - index time of its patient) in ``time_unit``; a patient without an index time is an error."""
+    idx = index.reindex(pid.to_numpy())
+    missing = idx.isna().to_numpy()
+    if missing.any():
+        i = _first_bad(missing)
+        n_pat = int(pid[missing].nunique())
+        raise InputError(
+            f"no index time for this patient ({n_pat} patient(s) with datetime events lack one): give "
+            "index_times a time for every patient (a dict patient_id -> datetime, a DataFrame or a CSV with "
+            "columns patient_id,index_time)", file=file, row=i + 1, patient=str(pid.iloc[i]), field="index_time",
+        )
+    ev_ns = ts.dt.tz_convert(None).to_numpy().astype("datetime64[ns]")
+    ix_ns = idx.dt.tz_convert(None).to_numpy().astype("datetime64[ns]")
+    seconds = (ev_ns - ix_ns) / np.timedelta64(1, "s")
+    return np.asarray(seconds, dtype=np.float64) / TIME_UNITS[time_unit]
+
+
+def _validate_events(
+    df: pd.DataFrame,
+    file: str | Path | None,
+    *,
+    index_times: pd.Series | None = None,
+    time_unit: str = "days",
+    report: dict | None = None,
+) -> pd.DataFrame:
+    """Check columns and types; return a copy with str ids and float times/values.
+
+    Datetime times are converted to ``time_unit`` since the patient's index
+    time (``index_times``, from :func:`read_index_times`); events before the
+    index time are dropped and counted in ``report``.  Row numbers in errors
+    are 1-based positions in ``df``.
+    """
     _check_columns(df, file)
-    out = df.copy()
+    out = df.reset_index(drop=True)
+    out = out.copy()
     for col in ("patient_id", "variable"):
         miss = out[col].isna().to_numpy() | (out[col].astype(str).str.strip() == "").to_numpy()
         if miss.any():
@@ -132,13 +334,150 @@ def _validate_events(df: pd.DataFrame, file: str | Path | None) -> pd.DataFrame:
             raise InputError(f"empty {col}", file=file, row=i + 1,
                              patient=None if pd.isna(pid) else str(pid), field=col)
         out[col] = out[col].astype(str).str.strip()
-    out["time"] = _numeric_column(out, "time", file, what="time in days")
-    neg = (out["time"] < 0).to_numpy()
-    if neg.any():
-        i = _first_bad(neg)
-        raise InputError(f"negative time {out['time'].iloc[i]!r}: times must be >= 0 (days)", file=file,
-                         row=i + 1, patient=out["patient_id"].iloc[i], field="time")
+    before = np.zeros(len(out), dtype=bool)
+    if _is_datetime_column(out["time"]):
+        if index_times is None:
+            raise InputError(
+                "the time column holds datetimes, which need a per-patient index time: pass "
+                "index_times= (a dict patient_id -> datetime, a DataFrame or a CSV with columns "
+                "patient_id,index_time) to read_ehr_events, which converts them to time since the index "
+                "in days or hours (time_unit=); or give numeric times (e.g. days since diagnosis)",
+                file=file, row=1, patient=str(out["patient_id"].iloc[0]), field="time",
+            )
+        ts = _parse_datetimes(out["time"], out["patient_id"], file, field="time")
+        rel = _relative_times(ts, out["patient_id"], index_times, file, time_unit)
+        before = rel < 0
+        out["time"] = rel
+        if report is not None:
+            report["time_kind"] = "datetime"
+            report["time_unit"] = time_unit
+    else:
+        if index_times is not None:
+            raise InputError(
+                "index_times was given but the time column holds numbers, which are already relative "
+                "times; give datetimes (ISO 8601) in the time column, or drop index_times",
+                file=file, field="time",
+            )
+        out["time"] = _numeric_column(out, "time", file, what="time")
+        neg = (out["time"] < 0).to_numpy()
+        if neg.any():
+            i = _first_bad(neg)
+            raise InputError(f"negative time {out['time'].iloc[i]!r}: numeric times must be >= 0 (time since "
+                             "the patient's time zero)", file=file, row=i + 1, patient=out["patient_id"].iloc[i],
+                             field="time")
+        if report is not None:
+            report["time_kind"] = "numeric"
+            report["time_unit"] = "as given"
     out["value"] = _numeric_column(out, "value", file, what="measured value")
+    if report is not None:
+        report["n_events_before_index"] = int(before.sum())
+        report["n_patients_with_events_before_index"] = int(out.loc[before, "patient_id"].nunique())
+    if before.any():
+        out = out.loc[~before]
+    return out
+
+
+def _check_unit_conversions(unit_conversions: object) -> dict[str, dict[str, UnitConversion]]:
+    """Validate the structure of ``unit_conversions`` (ValueError naming the bad entry)."""
+    if unit_conversions is None:
+        return {}
+    if not isinstance(unit_conversions, Mapping):
+        raise ValueError("unit_conversions must map variable -> {source unit -> factor or function}, got "
+                         f"{type(unit_conversions).__name__}")
+    out: dict[str, dict[str, UnitConversion]] = {}
+    for var, table in unit_conversions.items():
+        if not isinstance(table, Mapping) or not table:
+            raise ValueError(f"unit_conversions[{var!r}] must be a non-empty mapping source unit -> factor or "
+                             f"function, got {table!r}")
+        conv: dict[str, UnitConversion] = {}
+        for unit, f in table.items():
+            if callable(f):
+                conv[str(unit).strip()] = f
+            elif isinstance(f, numbers.Real) and not isinstance(f, bool) and np.isfinite(f) and f != 0:
+                conv[str(unit).strip()] = float(f)
+            else:
+                raise ValueError(f"unit_conversions[{var!r}][{unit!r}] must be a finite non-zero factor or a "
+                                 f"function, got {f!r}")
+        out[str(var)] = conv
+    return out
+
+
+def _apply_conversion(f: UnitConversion, x: np.ndarray) -> np.ndarray:
+    if not callable(f):
+        return x * f
+    try:
+        y = np.asarray(f(x.copy()), dtype=np.float64)
+        if y.shape == x.shape:
+            return y
+    except Exception:  # noqa: BLE001 - fall back to one value at a time (e.g. math.log)
+        pass
+    out = np.empty_like(x)
+    for i, v in enumerate(x):
+        try:
+            out[i] = float(f(float(v)))
+        except (ValueError, TypeError, ArithmeticError):
+            out[i] = np.nan  # reported as a failed conversion by the caller
+    return out
+
+
+def _convert_units(
+    df: pd.DataFrame, conversions: dict[str, dict[str, UnitConversion]], file: str | Path | None, report: dict,
+    rows: np.ndarray,
+) -> pd.DataFrame:
+    """Convert every event of a variable listed in ``conversions`` into its canonical unit.
+
+    ``rows`` are the 0-based data rows of ``df``'s events (for messages).
+    Converted rows get ``unit`` = the source unit whose factor is exactly 1
+    (the canonical unit) when there is one, else a missing unit.
+    """
+    report["n_unit_converted"] = {}
+    if not conversions:
+        return df
+    if "unit" not in df.columns:
+        raise InputError("unit_conversions was given but the events have no 'unit' column", file=file, field="unit")
+    values = df["value"].to_numpy(dtype=np.float64).copy()
+    unit_raw = df["unit"]
+    units = np.where(_nan_like(unit_raw), "", unit_raw.astype(str).str.strip().to_numpy(dtype=object))
+    var = df["variable"].to_numpy(dtype=object)
+    new_units = unit_raw.astype(object).to_numpy().copy()
+    counts: dict[str, dict[str, int]] = {}
+    for name, table in conversions.items():
+        sel = var == name
+        if not sel.any():
+            continue
+        known = np.isin(units, list(table))
+        bad = sel & ~known
+        if bad.any():
+            i = _first_bad(bad)
+            got = "an empty unit" if units[i] == "" else f"unit {units[i]!r}"
+            raise InputError(
+                f"variable {name!r} has {got}, which has no conversion in unit_conversions[{name!r}] "
+                f"(known units: {', '.join(map(repr, table))}); add it to convert it to the canonical unit",
+                file=file, row=int(rows[i]) + 1, patient=str(df["patient_id"].iloc[i]), field="unit",
+            )
+        canonical = [u for u, f in table.items() if not callable(f) and f == 1.0]
+        per_unit: dict[str, int] = {}
+        for unit, f in table.items():
+            s = sel & (units == unit)
+            if not s.any():
+                continue
+            y = _apply_conversion(f, values[s])
+            finite = np.isfinite(y)
+            if not finite.all():
+                i = int(np.flatnonzero(s)[_first_bad(~finite)])
+                raise InputError(
+                    f"converting variable {name!r} from {unit!r} failed or gave a non-finite value for "
+                    f"{values[i]!r}",
+                    file=file, row=int(rows[i]) + 1, patient=str(df["patient_id"].iloc[i]), field="value",
+                )
+            values[s] = y
+            per_unit[unit] = int(s.sum())
+        new_units[sel] = canonical[0] if len(canonical) == 1 else None
+        counts[name] = per_unit
+    out = df.copy()
+    out["value"] = values
+    out["unit"] = new_units
+    report["n_unit_converted"] = counts
     return out
 
 
@@ -159,11 +498,13 @@ def _average_duplicates(df: pd.DataFrame, file: str | Path | None = None) -> tup
             pid, t, var = n_units.index[int(np.flatnonzero((n_units > 1).to_numpy())[0])]
             rows = np.flatnonzero(dup & (df["patient_id"] == pid).to_numpy() & (df["time"] == t).to_numpy()
                                   & (df["variable"] == var).to_numpy())
+            label = df.index[int(rows[-1])]
+            row = int(label) + 1 if isinstance(label, (int, np.integer)) else int(rows[-1]) + 1
             raise InputError(
                 f"duplicated events of variable {var!r} at time {t} have different units "
                 f"({', '.join(map(str, dups.loc[(dups.patient_id == pid) & (dups.time == t) & (dups.variable == var), 'unit'].unique()))}); "
                 "cannot average them",
-                file=file, row=int(rows[-1]) + 1, patient=str(pid), field="unit",
+                file=file, row=row, patient=str(pid), field="unit",
             )
     agg: dict[str, str] = {c: ("mean" if c == "value" else "first") for c in df.columns if c not in keys}
     merged = dups.groupby(keys, sort=False, as_index=False).agg(agg)
@@ -187,31 +528,57 @@ def _is_sorted(df: pd.DataFrame) -> bool:
 # reading
 # --------------------------------------------------------------------------- #
 def read_ehr_events(
-    path: str | Path,
+    path: str | Path | pd.DataFrame,
     *,
     variables: list[str] | dict[str, str] | None = None,
+    index_times: Mapping | pd.Series | pd.DataFrame | str | Path | None = None,
+    time_unit: str = "days",
+    unit_conversions: Mapping[str, Mapping[str, UnitConversion]] | None = None,
 ) -> pd.DataFrame:
     """Read and validate a long-format EHR events table.
 
     Parameters
     ----------
     path
-        CSV, TSV or Parquet file with columns ``patient_id, time, variable,
-        value`` and optionally ``unit`` (kept as is).
+        CSV, TSV or Parquet file (or a DataFrame) with columns ``patient_id,
+        time, variable, value`` and optionally ``unit`` (kept as is).
     variables
         ``None`` keeps every variable; a list keeps those; a dict
         ``{old_name: new_name}`` keeps the keys and renames them (two old
         names may map to one new name; their coinciding events are then
         averaged like duplicates).
+    index_times
+        Needed when ``time`` holds datetimes (and only then): each patient's
+        index (time-zero) datetime, as a mapping ``{patient_id: datetime}``,
+        a DataFrame or a CSV/TSV/Parquet file with columns ``patient_id,
+        index_time`` (see :func:`read_index_times`).  Patients listed here
+        without events are fine; a patient with events but no index time is
+        an error.
+    time_unit
+        ``"days"`` (default) or ``"hours"``: the unit of relative times made
+        from datetimes.  Numeric times are used as given.
+    unit_conversions
+        ``{variable: {source_unit: factor or function}}`` converting each
+        listed variable into its canonical unit: a number multiplies the
+        value, a function is called with a float array of values and must
+        return the converted array (element-wise functions such as
+        ``math.log`` are applied value by value).  Variables are the names
+        after ``variables`` renaming.  Every event of a listed variable needs
+        a ``unit`` with an entry; others are left untouched.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``patient_id`` (str), ``time`` (float64, days), ``variable``
+        Columns ``patient_id`` (str), ``time`` (float64: numeric times as
+        given, or time since the index time in ``time_unit``), ``variable``
         (str), ``value`` (float64) [, ``unit``], sorted by ``patient_id``,
         ``time``, ``variable``, one row per ``(patient_id, time, variable)``.
         ``df.attrs["report"]`` holds counts: ``file``, ``n_rows`` (data rows
-        read), ``n_events`` (rows returned), ``n_patients``,
+        read), ``n_events`` (rows returned), ``n_patients``, ``time_kind``
+        (``"numeric"`` or ``"datetime"``), ``time_unit``,
+        ``n_events_before_index`` and ``n_patients_with_events_before_index``
+        (datetime input: events before the index time, excluded),
+        ``n_unit_converted`` (``{variable: {unit: n_events}}``),
         ``n_duplicates_averaged`` (rows merged into another by averaging),
         ``n_dropped_variables`` (``{name: n_rows}`` of unselected variables),
         ``n_dropped_events``, ``missing_variables`` (selected names absent
@@ -221,23 +588,41 @@ def read_ehr_events(
     ------
     InputError
         Missing file or column; empty ``patient_id``/``variable``;
-        non-numeric, NaN, infinite or negative ``time``; non-numeric, NaN or
-        infinite ``value`` (every observation must have a value).  The
-        message names the file, the 1-based data row, the patient and the
-        field.
+        non-numeric, NaN, infinite or negative numeric ``time``; datetime
+        ``time`` without ``index_times`` (or a patient without an index
+        time), a cell that is not a datetime in a datetime column, or
+        ``index_times`` given with numeric times; non-numeric, NaN or
+        infinite ``value`` (every observation must have a value); an event
+        whose unit has no conversion for a variable listed in
+        ``unit_conversions``.  The message names the file, the 1-based data
+        row, the patient and the field.
+    ValueError
+        Bad arguments (``variables``, ``time_unit``, ``unit_conversions``
+        structure, ``index_times`` type).
 
     Notes
     -----
-    See the module docstring for the duplicate, sorting and selection rules.
+    See the module docstring for the datetime, duplicate, sorting and
+    selection rules.
     """
     if variables is not None and not isinstance(variables, (Mapping, list, tuple)):
         raise ValueError(f"variables must be a list, a dict or None, got {type(variables).__name__}")
-    df = read_table(path, what="EHR events")
+    if time_unit not in TIME_UNITS:
+        raise ValueError(f"time_unit must be one of {', '.join(TIME_UNITS)}, got {time_unit!r}")
+    conversions = _check_unit_conversions(unit_conversions)
+    index = None if index_times is None else read_index_times(index_times)
+    if isinstance(path, pd.DataFrame):
+        file = None
+        df = path.reset_index(drop=True)
+    else:
+        file = path
+        df = read_table(path, what="EHR events")
     n_rows = len(df)
-    df = _validate_events(df, path)
+    report: dict = {"file": None if file is None else str(file), "n_rows": n_rows}
+    # rows before the index time are excluded here; the index keeps the 0-based data row for messages
+    df = _validate_events(df, file, index_times=index, time_unit=time_unit, report=report)
     already_sorted = _is_sorted(df)
 
-    report: dict = {"file": str(path), "n_rows": n_rows}
     dropped: dict[str, int] = {}
     missing_vars: list[str] = []
     if variables is not None:
@@ -256,7 +641,8 @@ def read_ehr_events(
     report["n_dropped_events"] = int(sum(dropped.values()))
     report["missing_variables"] = missing_vars
 
-    df, n_dup = _average_duplicates(df, path)
+    df = _convert_units(df, conversions, file, report, df.index.to_numpy())
+    df, n_dup = _average_duplicates(df, file)
     df = df.sort_values(["patient_id", "time", "variable"], kind="stable", ignore_index=True)
     report["n_duplicates_averaged"] = n_dup
     report["input_sorted"] = already_sorted
@@ -321,13 +707,22 @@ class EHRPreprocessor:
         training events, sorted by name.
     max_steps
         Maximum number of time steps per patient; longer histories keep the
-        last ``max_steps`` distinct observation times.  The arrays returned by
-        :meth:`transform` always have ``T = max_steps`` (so arrays of
-        different folds/splits stack); encoders skip trailing padding.
+        last ``max_steps`` steps.  The arrays returned by :meth:`transform`
+        always have ``T = max_steps`` (so arrays of different folds/splits
+        stack); encoders skip trailing padding.
     window
-        Prediction (landmark) time in days: events with ``time > window`` are
-        excluded (in ``fit`` too, so the statistics describe what the model
-        sees) and counted.  ``None``: no limit.
+        Prediction (landmark) time, in the unit of the events' ``time``
+        (days by default): events with ``time > window`` are excluded (in
+        ``fit`` too, so the statistics describe what the model sees) and
+        counted.  ``None``: no limit.
+    bucket
+        Width of a time bucket (same unit), or ``None`` (default) for one
+        step per distinct observation time.  With a width ``w``, the events
+        of a patient with times in ``[k w, (k + 1) w)`` form one step whose
+        time is the *latest* event time in the bucket (so a step never
+        carries a time before information it holds, and never one after the
+        window); several values of one variable in a bucket are averaged.
+        Applied after the window, before truncation; merges are counted.
 
     Attributes
     ----------
@@ -348,8 +743,8 @@ class EHRPreprocessor:
 
     Notes
     -----
-    One time step per distinct observation time of a patient (no bucketing).
-    ``delta`` is computed on the kept steps, so after truncation it restarts
+    One time step per distinct observation time of a patient (or per
+    non-empty bucket).  ``delta`` is computed on the kept steps, so after truncation it restarts
     at 0 at the first kept step (``delta_1 = 0`` of time-interval definition).
     """
 
@@ -359,6 +754,7 @@ class EHRPreprocessor:
         *,
         max_steps: int = 64,
         window: float | None = None,
+        bucket: float | None = None,
     ) -> None:
         if variables is not None:
             variables = [str(v) for v in variables]
@@ -372,12 +768,18 @@ class EHRPreprocessor:
             try:
                 window = float(window)
             except (TypeError, ValueError):
-                raise ValueError(f"window must be a number of days or None, got {window!r}") from None
+                raise ValueError(f"window must be a number (a time, days by default) or None, got {window!r}") from None
             if not np.isfinite(window):
                 raise ValueError(f"window must be finite, got {window!r}")
+        if bucket is not None:
+            if isinstance(bucket, bool) or not isinstance(bucket, numbers.Real) or not np.isfinite(bucket) \
+                    or bucket <= 0:
+                raise ValueError(f"bucket must be a positive finite time width or None, got {bucket!r}")
+            bucket = float(bucket)
         self.variables = variables
         self.max_steps = int(max_steps)
         self.window = window
+        self.bucket = bucket
 
     # ------------------------------------------------------------------ #
     @staticmethod
@@ -402,8 +804,20 @@ class EHRPreprocessor:
         else:
             report["n_events_after_window"] = 0
             report["n_patients_with_events_after_window"] = 0
-        ev, n_dup = _average_duplicates(ev, events.attrs.get("report", {}).get("file"))
+        file = events.attrs.get("report", {}).get("file")
+        ev, n_dup = _average_duplicates(ev, file)
         report["n_duplicates_averaged"] = n_dup
+        report["n_events_merged_by_bucket"] = 0
+        report["n_steps_merged_by_bucket"] = 0
+        if self.bucket is not None and len(ev):
+            ev = ev.reset_index(drop=True)
+            k = np.floor(np.round(ev["time"].to_numpy() / self.bucket, 9))
+            n_times = len(ev.drop_duplicates(["patient_id", "time"]))
+            step_time = ev.groupby([ev["patient_id"], k])["time"].transform("max")
+            ev = ev.assign(time=step_time.to_numpy())
+            ev, n_merged = _average_duplicates(ev, file)
+            report["n_events_merged_by_bucket"] = n_merged
+            report["n_steps_merged_by_bucket"] = n_times - len(ev.drop_duplicates(["patient_id", "time"]))
         return ev
 
     # ------------------------------------------------------------------ #
@@ -479,14 +893,18 @@ class EHRPreprocessor:
         dict[str, numpy.ndarray]
             ``values`` float32 (N, T, V) standardised ``(x - mean_) / std_``,
             0 where missing; ``mask`` float32 (N, T, V); ``delta`` float32
-            (N, T, V) in days (Che et al. 2018, time-interval definition); ``times`` float32
-            (N, T); ``lengths`` int64 (N,).  ``T = max_steps``; steps
+            (N, T, V) in the events' time unit (Che et al. 2018,
+            time-interval definition); ``times`` float32 (N, T);
+            ``lengths`` int64 (N,).  ``T = max_steps``; steps
             ``t >= length`` are all 0.  The counts are stored in
             ``self.report_``: ``n_patients``, ``n_patients_without_events``
             (length 0), ``n_events_used``, ``n_events_after_window``,
             ``n_patients_with_events_after_window``, ``unseen_variables``
             (``{name: n_events}`` dropped), ``n_unseen_variable_events``,
-            ``n_duplicates_averaged``, ``n_patients_truncated``,
+            ``n_duplicates_averaged``, ``n_events_merged_by_bucket`` (events
+            averaged into another of their bucket),
+            ``n_steps_merged_by_bucket`` (distinct times merged away),
+            ``n_patients_truncated``,
             ``n_steps_truncated``, ``n_events_truncated``,
             ``n_events_other_patients``.
         """

@@ -29,6 +29,7 @@ class DataConfig(_Strict):
     gene_sets: Optional[str] = None
     ehr: Optional[str] = None
     clinical: Optional[str] = None
+    ehr_index_times: Optional[str] = Field(None, description="CSV/Parquet patient_id,index_time for datetime EHR")
     confounders: list[str] = Field(default_factory=list, description="manifest columns that are confounders")
     cache_dir: Optional[str] = Field(None, description="preprocessed-volume cache; default <manifest dir>/.radfusion_cache")
 
@@ -76,6 +77,10 @@ class ModalityConfig(_Strict):
     variables: Optional[list[str]] = None
     max_steps: int = Field(64, ge=1)
     window: Optional[float] = None
+    time_unit: Literal["days", "hours"] = "days"
+    bucket: Optional[float] = Field(None, gt=0, description="merge events within buckets of this width")
+    unit_conversions: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="variable -> {source unit: factor into the canonical unit}")
     # clinical
     columns: Optional[list[str]] = None
     categorical: list[str] = Field(default_factory=list)
@@ -173,7 +178,7 @@ class ExperimentConfig(_Strict):
         root = Path(cfg.data.root) if cfg.data.root else Path(base)
         if not root.is_absolute():
             root = (Path(base) / root).resolve()
-        for f in ("manifest", "expression", "gene_sets", "ehr", "clinical", "cache_dir"):
+        for f in ("manifest", "expression", "gene_sets", "ehr", "clinical", "ehr_index_times", "cache_dir"):
             val = getattr(cfg.data, f)
             if val is not None and not Path(val).is_absolute():
                 setattr(cfg.data, f, str((root / val).resolve()))

@@ -153,7 +153,8 @@ def load_cohort(cfg: ExperimentConfig, *, progress: bool = True, workers: int = 
             from data_adapters.ehr import read_ehr_events
 
             mc = cfg.modalities[m]
-            events = read_ehr_events(d.ehr, variables=mc.variables)
+            events = read_ehr_events(d.ehr, variables=mc.variables, index_times=d.ehr_index_times,
+                                     time_unit=mc.time_unit, unit_conversions=mc.unit_conversions or None)
             unknown = sorted(set(events["patient_id"]) - set(pids))
             report["ehr"] = dict(events.attrs.get("report", {}))
             report["ehr"]["n_events_of_patients_not_in_manifest"] = int(events["patient_id"].isin(unknown).sum())
@@ -210,7 +211,7 @@ class FoldTransforms:
             from data_adapters.ehr import EHRPreprocessor
 
             mc = self.cfg.modalities["ehr"]
-            self.ehr_ = EHRPreprocessor(mc.variables, max_steps=mc.max_steps, window=mc.window).fit(
+            self.ehr_ = EHRPreprocessor(mc.variables, max_steps=mc.max_steps, window=mc.window, bucket=mc.bucket).fit(
                 cohort.ehr_events, tr_ids
             )
             self.input_dims_["ehr"] = len(self.ehr_.variables_)

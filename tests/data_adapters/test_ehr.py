@@ -273,3 +273,230 @@ def test_transform_is_fast() -> None:
     elapsed = time.perf_counter() - t0
     assert out["values"].shape == (n_pat, 64, 12)
     assert elapsed < 1.0, f"transform took {elapsed:.2f} s"
+
+
+# --------------------------------------------------------------------------- #
+# datetimes and index times
+# --------------------------------------------------------------------------- #
+_DT_TEXT = ("patient_id,time,variable,value\n"
+            "A,2021-01-01T12:00:00,hb,12\n"
+            "A,2021-01-03,hb,11\n"
+            "A,2020-12-30,hb,14\n"                 # before A's index time: excluded and counted
+            "B,2021-02-01T06:00:00+01:00,hb,10\n"  # offset: 05:00 UTC
+            "B,2021-02-02,crp,3\n")
+
+
+@pytest.mark.parametrize("how", ["dict", "frame", "csv", "series"])
+def test_datetimes_relative_to_index_times(tmp_path: Path, how: str) -> None:
+    p = _write(tmp_path, _DT_TEXT)
+    idx = {"A": "2021-01-01", "B": pd.Timestamp("2021-02-01")}
+    if how == "frame":
+        idx = pd.DataFrame({"patient_id": ["A", "B"], "index_time": ["2021-01-01", "2021-02-01T00:00"]})
+    elif how == "csv":
+        idx = _write(tmp_path, "patient_id,index_time\nB,2021-02-01\nA,2021-01-01\nC,2020-05-05\n", "index.csv")
+    elif how == "series":
+        idx = pd.Series(pd.to_datetime(["2021-01-01", "2021-02-01"]), index=["A", "B"])
+    df = read_ehr_events(p, index_times=idx)
+    assert df[["patient_id", "variable"]].values.tolist() == [["A", "hb"], ["A", "hb"], ["B", "hb"], ["B", "crp"]]
+    np.testing.assert_allclose(df["time"], [0.5, 2.0, 5 / 24, 1.0])
+    rep = df.attrs["report"]
+    assert rep["time_kind"] == "datetime" and rep["time_unit"] == "days"
+    assert rep["n_events_before_index"] == 1 and rep["n_patients_with_events_before_index"] == 1
+    assert rep["n_rows"] == 5 and rep["n_events"] == 4
+    hours = read_ehr_events(p, index_times=idx, time_unit="hours")
+    np.testing.assert_allclose(hours["time"], [12.0, 48.0, 5.0, 24.0])
+    assert hours.attrs["report"]["time_unit"] == "hours"
+
+
+def test_datetime_events_go_through_preprocessor_with_window() -> None:
+    ev = pd.DataFrame({"patient_id": ["A", "A", "A"], "time": ["2021-01-01", "2021-01-02", "2021-01-10"],
+                       "variable": ["x", "x", "x"], "value": [1.0, 2.0, 3.0]})
+    df = read_ehr_events(ev, index_times={"A": "2021-01-01"})
+    pre = EHRPreprocessor(window=7.0).fit(df, ["A"])
+    out = pre.transform(df, ["A"])
+    assert out["lengths"].tolist() == [2]
+    np.testing.assert_allclose(out["times"][0, :2], [0.0, 1.0])
+    assert pre.report_["n_events_after_window"] == 1
+    # raw datetimes handed to the preprocessor directly: a clear error, not a crash
+    with pytest.raises(InputError, match="index_times"):
+        EHRPreprocessor().fit(ev, ["A"])
+
+
+def test_parquet_datetime_column(tmp_path: Path) -> None:
+    p = tmp_path / "ehr.parquet"
+    pd.DataFrame({"patient_id": ["A", "A"], "time": pd.to_datetime(["2021-01-01 06:00", "2021-01-02 00:00"]),
+                  "variable": ["x", "x"], "value": [1.0, 2.0]}).to_parquet(p)
+    df = read_ehr_events(p, index_times={"A": "2021-01-01"}, time_unit="hours")
+    np.testing.assert_allclose(df["time"], [6.0, 24.0])
+
+
+@pytest.mark.parametrize(
+    "text, index, row, patient, field, match",
+    [
+        # datetimes without index times: explains how to give them
+        (_DT_TEXT, None, 1, "A", "time", "index_times="),
+        # a patient without an index time
+        (_DT_TEXT, {"A": "2021-01-01"}, 4, "B", "index_time", "no index time"),
+        # a number among datetimes
+        ("patient_id,time,variable,value\nA,2021-01-01,x,1\nA,3,x,2\n", {"A": "2021-01-01"}, 2, "A", "time",
+         "ISO 8601"),
+        # an unparseable date among datetimes
+        ("patient_id,time,variable,value\nA,2021-01-01,x,1\nA,2021-13-45,x,2\n", {"A": "2021-01-01"}, 2, "A",
+         "time", "ISO 8601"),
+        # a missing time among datetimes
+        ("patient_id,time,variable,value\nA,2021-01-01,x,1\nA,,x,2\n", {"A": "2021-01-01"}, 2, "A", "time",
+         "missing"),
+        # index times given for numeric (already relative) times
+        ("patient_id,time,variable,value\nA,0,x,1\n", {"A": "2021-01-01"}, None, None, "time",
+         "already relative"),
+    ],
+)
+def test_datetime_bad_inputs(tmp_path: Path, text: str, index, row, patient, field, match) -> None:
+    p = _write(tmp_path, text)
+    with pytest.raises(InputError, match=match) as err:
+        read_ehr_events(p, index_times=index)
+    e = err.value
+    assert (e.file, e.row, e.patient, e.field) == (str(p), row, patient, field)
+
+
+def test_index_times_bad_inputs(tmp_path: Path) -> None:
+    p = _write(tmp_path, _DT_TEXT)
+    bad = _write(tmp_path, "patient_id,index_time\nA,2021-01-01\nB,not a date\n", "idx.csv")
+    with pytest.raises(InputError, match="ISO 8601") as err:
+        read_ehr_events(p, index_times=bad)
+    assert (err.value.file, err.value.row, err.value.patient, err.value.field) == (str(bad), 2, "B", "index_time")
+    with pytest.raises(InputError, match="index_time") as err:
+        read_ehr_events(p, index_times=pd.DataFrame({"patient_id": ["A"], "when": ["2021-01-01"]}))
+    assert err.value.field == "index_time"
+    with pytest.raises(InputError, match="two different index times") as err:
+        read_ehr_events(p, index_times=pd.DataFrame({"patient_id": ["A", "B", "A"],
+                                                     "index_time": ["2021-01-01", "2021-02-01", "2021-01-05"]}))
+    assert err.value.patient == "A" and err.value.row == 3
+    with pytest.raises(InputError, match="does not exist"):
+        read_ehr_events(p, index_times=tmp_path / "nope.csv")
+    with pytest.raises(ValueError, match="index_times"):
+        read_ehr_events(p, index_times=42)
+    with pytest.raises(ValueError, match="time_unit"):
+        read_ehr_events(p, index_times={"A": "2021-01-01", "B": "2021-02-01"}, time_unit="weeks")
+
+
+def test_numeric_negative_time_still_an_error(tmp_path: Path) -> None:
+    p = _write(tmp_path, "patient_id,time,variable,value\nA,1,x,1\nA,-0.5,x,2\n")
+    with pytest.raises(InputError, match="negative") as err:
+        read_ehr_events(p)
+    assert (err.value.row, err.value.patient, err.value.field) == (2, "A", "time")
+
+
+# --------------------------------------------------------------------------- #
+# unit harmonisation
+# --------------------------------------------------------------------------- #
+def test_unit_conversions_factor_and_function(tmp_path: Path) -> None:
+    p = _write(tmp_path, "patient_id,time,variable,value,unit\n"
+                         "A,0,glucose,90,mg/dL\n"
+                         "A,1,glucose,5,mmol/L\n"
+                         "A,1,glucose,108,mg/dL\n"           # same time, other unit: averaged after conversion
+                         "A,2,temp,98.6,F\n"
+                         "A,3,temp,37.5,C\n"
+                         "A,3,crp,4,mg/L\n")
+    conv = {"glucose": {"mg/dL": 1.0, "mmol/L": 18.0},
+            "temp": {"C": 1, "F": lambda f: (f - 32.0) * 5.0 / 9.0}}
+    df = read_ehr_events(p, unit_conversions=conv)
+    glu = df[df.variable == "glucose"]
+    np.testing.assert_allclose(glu["value"], [90.0, (90.0 + 108.0) / 2])
+    assert glu["unit"].tolist() == ["mg/dL", "mg/dL"]            # canonical unit (factor 1)
+    temp = df[df.variable == "temp"]
+    np.testing.assert_allclose(temp["value"], [37.0, 37.5])
+    assert temp["unit"].tolist() == ["C", "C"]
+    assert df.loc[df.variable == "crp", "value"].item() == 4.0   # no conversion declared: untouched
+    rep = df.attrs["report"]
+    assert rep["n_unit_converted"] == {"glucose": {"mg/dL": 2, "mmol/L": 1}, "temp": {"C": 1, "F": 1}}
+    assert rep["n_duplicates_averaged"] == 1
+    # element-wise-only functions work too; keys are the names after renaming
+    q = _write(tmp_path, "patient_id,time,variable,value,unit\nA,0,bili,1,mg/dL\nA,1,bili,20,umol/L\n", "b.csv")
+    import math
+    out = read_ehr_events(q, variables={"bili": "log_bili"},
+                          unit_conversions={"log_bili": {"mg/dL": math.log, "umol/L": lambda x: math.log(x / 17.1)}})
+    np.testing.assert_allclose(out["value"], [0.0, math.log(20 / 17.1)])
+
+
+@pytest.mark.parametrize(
+    "text, row, patient, match",
+    [
+        ("patient_id,time,variable,value,unit\nA,0,glucose,90,mg/dL\nB,1,glucose,5,mmol/l\n", 2, "B", "'mmol/l'"),
+        ("patient_id,time,variable,value,unit\nA,0,glucose,90,mg/dL\nC,1,glucose,5,\n", 2, "C", "empty unit"),
+    ],
+)
+def test_unit_without_conversion_is_an_error(tmp_path: Path, text: str, row: int, patient: str, match: str) -> None:
+    p = _write(tmp_path, text)
+    with pytest.raises(InputError, match=match) as err:
+        read_ehr_events(p, unit_conversions={"glucose": {"mg/dL": 1.0, "mmol/L": 18.0}})
+    e = err.value
+    assert (e.file, e.row, e.patient, e.field) == (str(p), row, patient, "unit")
+    assert "glucose" in str(e)
+
+
+def test_unit_conversion_bad_arguments(tmp_path: Path) -> None:
+    p = _write(tmp_path, "patient_id,time,variable,value\nA,0,glucose,90\n")
+    with pytest.raises(InputError, match="no 'unit' column"):
+        read_ehr_events(p, unit_conversions={"glucose": {"mg/dL": 1.0}})
+    q = _write(tmp_path, "patient_id,time,variable,value,unit\nA,0,x,1,u\nA,1,x,-1,u\n", "neg.csv")
+    import math
+    with pytest.raises(InputError, match="non-finite") as err:
+        read_ehr_events(q, unit_conversions={"x": {"u": math.log}})
+    assert (err.value.row, err.value.field) == (2, "value")
+    for bad in ({"glucose": {"mg/dL": "x"}}, {"glucose": {"mg/dL": 0}}, {"glucose": {}}, {"glucose": 2.0}, [1]):
+        with pytest.raises(ValueError, match="unit_conversions"):
+            read_ehr_events(p, unit_conversions=bad)
+
+
+# --------------------------------------------------------------------------- #
+# bucketing
+# --------------------------------------------------------------------------- #
+def test_bucket_merges_steps_and_averages() -> None:
+    ev = _events([("p", 0.0, "a", 1.0), ("p", 0.3, "a", 3.0), ("p", 0.7, "b", 5.0),
+                  ("p", 1.0, "a", 7.0), ("p", 2.5, "a", 9.0), ("p", 2.9, "b", 1.0),
+                  ("q", 0.2, "a", 2.0)])
+    pre = EHRPreprocessor(["a", "b"], bucket=1.0).fit(ev, ["p", "q"])
+    out = pre.transform(ev, ["p", "q"])
+    assert out["lengths"].tolist() == [3, 1]
+    # step time = latest event time in the bucket
+    np.testing.assert_allclose(out["times"][0, :3], [0.7, 1.0, 2.9])
+    np.testing.assert_allclose(out["mask"][0, :3], [[1, 1], [1, 0], [1, 1]])
+    raw = out["values"][0, :3] * pre.std_ + pre.mean_
+    np.testing.assert_allclose(raw[:, 0], [2.0, 7.0, 9.0], rtol=1e-6)     # a: (1 + 3) / 2, 7, 9
+    np.testing.assert_allclose(raw[[0, 2], 1], [5.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(out["delta"][0, :3], [[0, 0], [0.3, 0.3], [1.9, 2.2]], atol=1e-6)
+    assert pre.report_["n_events_merged_by_bucket"] == 1               # the two a's of [0, 1)
+    assert pre.report_["n_steps_merged_by_bucket"] == 3                # p: 0, 0.3, 0.7 -> 1; 2.5, 2.9 -> 1
+    # the statistics are those of the bucketed values
+    np.testing.assert_allclose(pre.mean_[0], np.mean([2.0, 7.0, 9.0, 2.0]))
+    # default: one step per distinct time
+    plain = EHRPreprocessor(["a", "b"]).fit(ev, ["p"])
+    assert plain.transform(ev, ["p"])["lengths"].tolist() == [6]
+    assert plain.report_["n_steps_merged_by_bucket"] == 0
+
+
+def test_bucket_with_window_never_uses_later_events() -> None:
+    ev = _events([("p", 0.5, "a", 1.0), ("p", 1.5, "a", 2.0), ("p", 1.9, "a", 100.0)])
+    pre = EHRPreprocessor(["a"], bucket=1.0, window=1.6).fit(ev, ["p"])
+    out = pre.transform(ev, ["p"])
+    np.testing.assert_allclose(out["times"][0, :2], [0.5, 1.5])          # bucket [1, 2) stops at the window
+    raw = out["values"][0, :2, 0] * pre.std_[0] + pre.mean_[0]
+    np.testing.assert_allclose(raw, [1.0, 2.0], rtol=1e-6)
+
+
+def test_bucket_floating_point_edges_and_validation() -> None:
+    ev = _events([("p", 0.1, "a", 1.0), ("p", 0.3, "a", 2.0)])
+    out = EHRPreprocessor(["a"], bucket=0.1).fit(ev, ["p"]).transform(ev, ["p"])
+    assert out["lengths"].tolist() == [2]                                # 0.3 / 0.1 is bucket 3, not 2
+    for bad in (0, -1.0, float("inf"), float("nan"), "day", True):
+        with pytest.raises(ValueError, match="bucket"):
+            EHRPreprocessor(bucket=bad)
+
+
+def test_bucket_truncation_keeps_last_buckets() -> None:
+    ev = _events([("p", float(t) / 2, "a", float(t)) for t in range(10)])   # times 0, 0.5, ..., 4.5
+    pre = EHRPreprocessor(["a"], bucket=1.0, max_steps=2).fit(ev, ["p"])
+    out = pre.transform(ev, ["p"])
+    np.testing.assert_allclose(out["times"][0], [3.5, 4.5])
+    assert pre.report_["n_steps_truncated"] == 3 and pre.report_["n_patients_truncated"] == 1
