@@ -6,6 +6,8 @@ Commands::
     radfusion make-demo-cohort --out DIR [--patients N] [--sites S] [--seed K]
     radfusion train --config CFG --out RUN [--overwrite]
     radfusion evaluate --run RUN
+    radfusion inspect-image PATH [--json]
+    radfusion score-pathways --expr FILE --gene-sets GMT [--method ssgsea|gsva] [--backend fast|gseapy] --out FILE
 
 Bad input exits with status 2 and a one-line message naming the file, row,
 patient and field; set ``RADFUSION_DEBUG=1`` to get the full traceback instead.
@@ -107,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True)
     e.add_argument("--json", action="store_true", help="also print metrics.json")
     e.set_defaults(func=_cmd_evaluate)
+
+    from apps import inspect_image, score_pathways
+
+    inspect_image.add_parser(sub)
+    score_pathways.add_parser(sub)
     return p
 
 

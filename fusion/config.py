@@ -47,6 +47,10 @@ class ImagePreprocessing(_Strict):
     ct_window: tuple[float, float] = (-200.0, 300.0)
     pet_compression: Literal["log", "clip"] = "log"
     pet_clip: float = 20.0
+    roi: Optional[int | str] = Field(None, description="ROI to use from a SEG/RTSTRUCT/label mask (default: union)")
+    augment: bool = Field(False, description="physically plausible augmentation in training only")
+    augment_prob: float = Field(0.5, ge=0.0, le=1.0)
+    augment_elastic: bool = Field(False, description="include the (slow on CPU) smooth elastic warp")
 
     @field_validator("spacing")
     @classmethod

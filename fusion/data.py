@@ -71,10 +71,10 @@ def _imaging_params(cfg: ExperimentConfig, m: str):
 
 
 def _load_one(args):
-    cache_root, image_path, mask_path, params, patient = args
+    cache_root, image_path, mask_path, params, roi, patient = args
     from data_adapters.imaging import VolumeCache
 
-    pv = VolumeCache(cache_root).load_preprocessed(image_path, mask_path, params, patient=patient)
+    pv = VolumeCache(cache_root).load_preprocessed(image_path, mask_path, params, roi=roi, patient=patient)
     return pv.image, pv.roi, pv.uid_hashes, pv.cache_hit
 
 
@@ -83,7 +83,8 @@ def _load_images(cfg, manifest: pd.DataFrame, m: str, cache_root: Path, progress
     mask_col = f"{m}_mask"
     rows = [(pid, r[m], r[mask_col] if mask_col in manifest.columns else None)
             for pid, r in manifest.iterrows() if r[m] is not None]
-    jobs = [(str(cache_root), img, mask, params, pid) for pid, img, mask in rows]
+    roi = cfg.modalities[m].preprocessing.roi
+    jobs = [(str(cache_root), img, mask, params, roi, pid) for pid, img, mask in rows]
     desc = f"preprocess {m.upper()}"
     if workers > 1 and len(jobs) > 8:
         with ProcessPoolExecutor(max_workers=workers) as ex:

@@ -55,9 +55,17 @@ def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed)
     model = build_model(cfg, tf.input_dims_, modalities, confounder_kinds=tf.confounder_kinds_)
     if "ehr" in modalities and hasattr(model.encoders["ehr"], "set_empirical_mean"):
         model.encoders["ehr"].set_empirical_mean(torch.as_tensor(tf.ehr_.empirical_mean_, dtype=torch.float32))
+    augment = {}
+    for m in modalities:
+        pp = cfg.modalities[m].preprocessing
+        if pp is not None and pp.augment:
+            from data_adapters.augment import make_augmentation
+
+            augment[m] = make_augmentation(m, prob=pp.augment_prob, seed=seed, pet_compression=pp.pet_compression,
+                                           elastic=pp.augment_elastic)
     return train_model(model, tensors["train"], tensors["validation"], cfg.training, seed=seed, device=device,
                        progress=progress, desc=desc, lambda_max=cfg.adversary.lambda_max,
-                       adversary_steps=cfg.adversary.steps)
+                       adversary_steps=cfg.adversary.steps, augment=augment or None)
 
 
 def _configure_torch(cfg: ExperimentConfig) -> torch.device:

@@ -53,6 +53,17 @@ def predict(model: torch.nn.Module, tensors: dict, *, device: torch.device, batc
     return {"risk": torch.cat(risks).numpy(), "embedding": torch.cat(embs).numpy()}
 
 
+def _augment_batch(b: dict, augment: dict) -> dict:
+    b = dict(b)
+    names = list(b["modalities"])
+    for m, fn in augment.items():
+        x = b[m].clone()
+        for i in torch.nonzero(b["present"][:, names.index(m)], as_tuple=False).reshape(-1).tolist():
+            x[i] = torch.as_tensor(fn(x[i]), dtype=x.dtype)
+        b[m] = x
+    return b
+
+
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
     perm = rng.permutation(n)
     k = max(1, math.ceil(n / batch_size))
@@ -72,6 +83,7 @@ def train_model(
     desc: str = "train",
     lambda_max: float = 1.0,
     adversary_steps: int = 0,
+    augment: dict | None = None,
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Fit ``model`` on ``train``; keep the epoch with the best validation c-index.
 
@@ -80,6 +92,8 @@ def train_model(
     its gradient-reversal strength set every step by the DANN schedule, scaled
     to ``lambda_max``, and ``adversary_steps`` adversary-only updates after
     every step (see :func:`fusion.adversarial.adversary_inner_steps`).
+    ``augment`` maps an image modality to a per-volume augmentation applied to
+    training batches only (never to validation or prediction).
     """
     seed_everything(seed)
     model.to(device)
@@ -102,7 +116,10 @@ def train_model(
             if adversary is not None:
                 adversary.lambd = lambda_max * dann_lambda(min(1.0, step / total_steps))
             step += 1
-            b = to_device(take(train, idx), device)
+            b = take(train, idx)
+            if augment:
+                b = _augment_batch(b, augment)
+            b = to_device(b, device)
             out = model(b)
             loss = out["loss"]
             opt.zero_grad(set_to_none=True)

@@ -193,3 +193,19 @@ def test_leave_one_site_out_needs_two_sites(small_cohort, tmp_path, capsys):
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["-q", "train", "--config", str(cfg_path), "--out", str(tmp_path / "r")]) == 2
     assert "at least two sites" in capsys.readouterr().err
+
+
+def test_training_with_augmentation_and_inspect_image(small_cohort, tmp_path, capsys):
+    cfg_path = _small_config(small_cohort, tmp_path, epochs=1)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    for m in ("ct", "pet", "mri"):
+        cfg["modalities"][m]["preprocessing"].update(augment=True, augment_prob=1.0)
+    cfg["evaluation"]["ablation"] = False
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "train", "--config", str(cfg_path), "--out", str(tmp_path / "aug")]) == 0
+    capsys.readouterr()
+    ct = pd.read_csv(small_cohort / "manifest.csv", dtype=str, keep_default_na=False)["ct"].iloc[0]
+    assert main(["inspect-image", str(small_cohort / ct), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["modality"] == "CT" and info["spacing"] == pytest.approx([0.8, 0.8, 3.0])
+    assert main(["inspect-image", str(small_cohort / "manifest.csv")]) == 2

@@ -711,3 +711,48 @@ def test_no_phi_in_volume_cache_logs_or_errors(tmp_path, caplog):
         read_dicom_series(folder)
     assert all(s not in str(exc.value) for s in PHI)
     assert all(s not in caplog.text for s in PHI)
+
+
+# --------------------------------------------------------------------------- #
+# speed paths: native pixel decoding, cropping before resampling
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("signed, bits, stored", [(1, 16, 16), (1, 16, 12), (0, 16, 12), (0, 16, 16), (0, 8, 8),
+                                                  (1, 32, 32)])
+def test_native_decode_matches_pydicom(signed, bits, stored):
+    rng = np.random.default_rng(bits + stored + signed)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    info = np.iinfo(dtype)
+    raw = rng.integers(info.min, info.max, size=(3, 5, 7), dtype=dtype, endpoint=True)  # high bits set too
+    uids = {"study": generate_uid(), "series": generate_uid(), "for": generate_uid()}
+    ds = make_slice(modality="CT", pixels=np.zeros((5, 7), np.int16), position=(0, 0, 0), uids=uids)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, signed
+    ds.NumberOfFrames = 3
+    ds.PixelData = raw.tobytes()
+    fast = imaging._decode_native(ds)
+    assert fast is not None and fast.shape == (3, 5, 7)
+    np.testing.assert_array_equal(fast, ds.pixel_array)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"  # compressed: left to pydicom
+    assert imaging._decode_native(ds) is None
+
+
+def test_preprocess_crop_gives_the_full_resample():
+    rng = np.random.default_rng(7)
+    c, s = math.cos(0.4), math.sin(0.4)
+    vol = Volume(array=rng.normal(0, 300, size=(30, 40, 50)).astype(np.float32), spacing=(0.8, 0.9, 2.5),
+                 origin=(-10.0, 5.0, 3.0), direction=(c, -s, 0, s, c, 0, 0, 0, 1), modality="CT", units="HU")
+    mask = np.zeros(vol.array.shape, bool)
+    mask[2:5, 30:36, 1:4] = True  # near a corner: the grid leaves the field of view
+    params = ImagingParams("ct", spacing=(1.3, 1.1, 1.7), size=(20, 18, 16), ct_window=(-500.0, 500.0))
+    img, roi = preprocess(vol, mask, params)
+    # reference: resample the whole volume onto the same grid
+    centre = vol.index_to_physical(np.argwhere(mask).mean(axis=0)[::-1])[0]
+    out_origin = centre - vol.direction_matrix @ (np.array(params.spacing) * (np.array(params.size) - 1) / 2)
+    ref = sitk.Resample(vol.to_sitk(), list(params.size), sitk.Transform(), sitk.sitkLinear, out_origin.tolist(),
+                        list(params.spacing), vol.direction, -1000.0, sitk.sitkFloat32)
+    expected = (np.clip(sitk.GetArrayFromImage(ref), -500, 500) + 500) / 1000
+    np.testing.assert_allclose(img[0], expected, atol=1e-6)
+    m = sitk.GetImageFromArray(mask.astype(np.uint8))
+    m.CopyInformation(vol.to_sitk())
+    ref_roi = sitk.Resample(m, list(params.size), sitk.Transform(), sitk.sitkNearestNeighbor, out_origin.tolist(),
+                            list(params.spacing), vol.direction, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(roi, sitk.GetArrayFromImage(ref_roi).astype(bool))

@@ -1,14 +1,23 @@
-"""Every registered encoder: shape, finite output, batch 1 and 2, out_dim, argument validation."""
+"""Every registered encoder: shape, finite output, batch 1 and 2, out_dim, argument validation.
+
+Image encoders run at their class's ``example_input_size`` (a size the
+architecture supports, default 16^3) with its ``example_kwargs`` (small
+widths, to keep this file fast on a CPU).
+"""
 import pytest
 import torch
 
 from encoders.registry import create_encoder, get_encoder_entry, list_encoders
 
 
-def _input(family, b):
+def _image_size(name):
+    return tuple(getattr(get_encoder_entry(name).cls, "example_input_size", (16, 16, 16)))
+
+
+def _input(family, b, name=None):
     g = torch.Generator().manual_seed(0)
     if family == "image3d":
-        return torch.randn(b, 1, 16, 16, 16, generator=g)
+        return torch.randn(b, 1, *_image_size(name), generator=g)
     if family == "tabular":
         return torch.randn(b, 7, generator=g)
     T, V = 5, 3
@@ -26,7 +35,8 @@ def _input(family, b):
 def _build(name):
     fam = get_encoder_entry(name).family
     if fam == "image3d":
-        return create_encoder(name, 3, 1, 12), fam
+        kwargs = dict(getattr(get_encoder_entry(name).cls, "example_kwargs", {}))
+        return create_encoder(name, 3, 1, 12, **kwargs), fam
     in_f = 7 if fam == "tabular" else 3
     return create_encoder(name, in_f, 12), fam
 
@@ -38,7 +48,7 @@ def test_every_registered_encoder(name, b):
     enc.eval()
     assert enc.out_dim == 12
     with torch.no_grad():
-        out = enc(_input(fam, b))
+        out = enc(_input(fam, b, name))
     assert out.shape == (b, 12)
     assert torch.isfinite(out).all()
 
@@ -47,7 +57,7 @@ def test_every_registered_encoder(name, b):
 def test_every_encoder_trains_one_step(name):
     enc, fam = _build(name)
     enc.train()
-    out = enc(_input(fam, 2))
+    out = enc(_input(fam, 2, name))
     out.sum().backward()
     grads = [p.grad for p in enc.parameters() if p.requires_grad]
     assert any(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
@@ -69,3 +79,29 @@ def test_arguments_are_validated_by_name():
         create_encoder("mlp", 0, 8)
     with pytest.raises(ValueError, match="dropout"):
         create_encoder("mlp", 3, 8, dropout=1.5)
+
+
+@pytest.mark.parametrize("name", list_encoders("image3d"))
+def test_image_encoders_expose_features_and_example_size(name):
+    cls = get_encoder_entry(name).cls
+    size = _image_size(name)
+    assert len(size) == 3 and all(isinstance(s, int) and s > 0 for s in size)
+    enc, _ = _build(name)
+    enc.eval()
+    with torch.no_grad():
+        feats = enc.forward_features(_input("image3d", 2, name))
+    assert feats.ndim == 2 and feats.shape[0] == 2 and torch.isfinite(feats).all()
+    assert feats.shape[1] == getattr(enc, "feature_dim", feats.shape[1])
+    assert isinstance(getattr(cls, "supports_channels_last_3d", False), bool)
+
+
+@pytest.mark.parametrize("name", sorted(set(list_encoders("image3d")) - {"cnn3d_small"}))
+def test_image_encoder_arguments_are_validated_by_name(name):
+    with pytest.raises(ValueError, match="out_dim"):
+        create_encoder(name, 3, 1, 0)
+    with pytest.raises(ValueError, match="in_channels"):
+        create_encoder(name, 3, 0, 8)
+    with pytest.raises(ValueError, match="spatial_dims"):
+        create_encoder(name, 4, 1, 8)
+    with pytest.raises(ValueError, match="dropout"):
+        create_encoder(name, 3, 1, 8, dropout=1.5)
