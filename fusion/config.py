@@ -74,9 +74,14 @@ class ModalityConfig(_Strict):
     # imaging
     preprocessing: Optional[ImagePreprocessing] = None
     # omics
-    method: Literal["ssgsea"] = "ssgsea"
-    min_set_size: int = 10
-    max_set_size: int = 500
+    method: Literal["ssgsea", "gsva"] = "ssgsea"
+    backend: Literal["fast", "gseapy"] = "fast"
+    kcdf: Literal["Gaussian", "Poisson", "auto"] = "Gaussian"
+    features: Literal["pathways", "genes"] = Field("pathways", description="pathway scores, or genes (gene-level encoders)")
+    combat_batch_key: Optional[str] = Field(None, description="'site' or a data.confounders column; ComBat fitted on the training fold")
+    combat_new_batch: Literal["error", "estimate"] = "error"
+    min_set_size: int = Field(10, ge=1)
+    max_set_size: int = Field(500, ge=1)
     # ehr
     variables: Optional[list[str]] = None
     max_steps: int = Field(64, ge=1)
@@ -167,6 +172,13 @@ class ExperimentConfig(_Strict):
         for m in IMAGE_MODALITIES:
             if m in self.modalities and self.modalities[m].preprocessing is None:
                 self.modalities[m].preprocessing = ImagePreprocessing()
+        om = self.modalities.get("omics")
+        if om is not None:
+            if om.method == "gsva" and om.backend == "gseapy":
+                raise ValueError("modalities.omics: backend 'gseapy' cannot fit GSVA on the training fold; use 'fast'")
+            if om.combat_batch_key not in (None, "site") and om.combat_batch_key not in self.data.confounders:
+                raise ValueError(f"modalities.omics.combat_batch_key {om.combat_batch_key!r} must be 'site' or in "
+                                 "data.confounders")
         known = set(self.data.confounders) | {"site"}
         for c in self.adversary.confounders + self.adversary.continuous:
             if c not in known:

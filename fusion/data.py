@@ -47,6 +47,8 @@ class Cohort:
     images: dict[str, np.ndarray] = field(default_factory=dict)  # m -> float32 (N, 1, D, H, W)
     rois: dict[str, np.ndarray] = field(default_factory=dict)  # m -> bool (N, D, H, W)
     omics_raw: pd.DataFrame | None = None  # (N, P) raw ES, NaN rows = absent
+    omics_adata: object | None = None  # expression, when scores must be fitted per fold (GSVA, ComBat, genes)
+    omics_gene_sets: dict | None = None
     ehr_events: pd.DataFrame | None = None
     clinical_table: pd.DataFrame | None = None
     uid_hashes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
@@ -141,14 +143,26 @@ def load_cohort(cfg: ExperimentConfig, *, progress: bool = True, workers: int = 
             cohort.images[m], cohort.rois[m] = img, roi
             report.setdefault("image_cache_hits", {})[m] = hits
         elif m == "omics":
-            from data_adapters.omics import pathway_scores_for_cohort
-
             mc = cfg.modalities[m]
-            scores, orep = pathway_scores_for_cohort(
-                d.expression, d.gene_sets, pids, min_size=mc.min_set_size, max_size=mc.max_set_size
-            )
-            cohort.omics_raw = scores
-            present[:, j] = ~scores.isna().all(axis=1).to_numpy()
+            if mc.method == "ssgsea" and mc.combat_batch_key is None and mc.features == "pathways":
+                from data_adapters.omics import pathway_scores_for_cohort
+
+                scores, orep = pathway_scores_for_cohort(d.expression, d.gene_sets, pids, min_size=mc.min_set_size,
+                                                         max_size=mc.max_set_size, backend=mc.backend)
+                cohort.omics_raw = scores
+                present[:, j] = ~scores.isna().all(axis=1).to_numpy()
+            else:  # fitted per fold in FoldTransforms
+                from data_adapters.omics import load_expression_for_cohort, read_gene_sets
+
+                adata, orep = load_expression_for_cohort(d.expression, pids)
+                if mc.combat_batch_key is not None:
+                    key = mc.combat_batch_key
+                    col = cohort.sites if key == "site" else cohort.confounders[key]
+                    lookup = dict(zip(pids, np.asarray(col).astype(str)))
+                    adata.obs[key] = [lookup[p] for p in adata.obs_names]
+                cohort.omics_adata, cohort.omics_gene_sets = adata, read_gene_sets(d.gene_sets)
+                have = set(adata.obs_names)
+                present[:, j] = [p in have for p in pids]
             report["omics"] = orep
         elif m == "ehr":
             from data_adapters.ehr import read_ehr_events
@@ -191,6 +205,33 @@ class FoldTransforms:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
 
+    def _fit_omics(self, cohort: Cohort, rows: np.ndarray) -> pd.DataFrame:
+        """ComBat / GSVA / gene-level features fitted on the training patients ``rows``."""
+        from data_adapters.omics import PathwayScorer
+
+        mc = self.cfg.modalities["omics"]
+        a = cohort.omics_adata
+        tr = a[[cohort.patient_ids[i] for i in rows]].copy()
+        if mc.features == "genes":
+            if mc.combat_batch_key is not None:
+                from data_adapters.combat import ComBat
+
+                self.omics_combat_ = ComBat(mc.combat_batch_key, new_batch=mc.combat_new_batch).fit(tr)
+                a = self.omics_combat_.transform(a)
+            X = np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X, dtype=np.float64)
+            raw = pd.DataFrame(X, index=a.obs_names, columns=a.var_names)
+            self.omics_structure_ = {"gene_sets": cohort.omics_gene_sets, "feature_names": list(a.var_names)}
+        else:
+            layer = "counts" if mc.kcdf == "Poisson" and "counts" in a.layers else None
+            self.omics_scorer_ = PathwayScorer(
+                cohort.omics_gene_sets, method=mc.method, backend=mc.backend, kcdf=mc.kcdf, min_size=mc.min_set_size,
+                max_size=mc.max_set_size, combat_batch_key=mc.combat_batch_key,
+                combat_kwargs={"new_batch": mc.combat_new_batch}, layer=layer).fit(tr)
+            raw = self.omics_scorer_.transform(a)
+            raw = raw[sorted(raw.columns)]
+            self.omics_structure_ = {"gene_sets": self.omics_scorer_.gene_sets_, "feature_names": list(raw.columns)}
+        return raw.reindex(cohort.patient_ids)
+
     def fit(self, cohort: Cohort, train_idx: Sequence[int]) -> "FoldTransforms":
         train_idx = np.asarray(train_idx)
         tr_ids = [cohort.patient_ids[i] for i in train_idx]
@@ -206,8 +247,13 @@ class FoldTransforms:
             rows = train_idx[cohort.present[train_idx, j]]
             if len(rows) < 2:
                 raise InputError("fewer than two training patients have expression data", field="omics")
-            self.omics_scaler_ = StandardScaler().fit(cohort.omics_raw.iloc[rows].to_numpy())
-            self.input_dims_["omics"] = cohort.omics_raw.shape[1]
+            raw = cohort.omics_raw
+            self.omics_structure_ = {"gene_sets": None, "feature_names": None if raw is None else list(raw.columns)}
+            if cohort.omics_adata is not None:
+                raw = self._fit_omics(cohort, rows)
+            self.omics_raw_ = raw
+            self.omics_scaler_ = StandardScaler().fit(raw.iloc[rows].to_numpy())
+            self.input_dims_["omics"] = raw.shape[1]
         if "ehr" in mods:
             from data_adapters.ehr import EHRPreprocessor
 
@@ -273,7 +319,7 @@ def make_tensors(cohort: Cohort, idx: Sequence[int], tf: FoldTransforms) -> dict
         if m in IMAGE_MODALITIES:
             out[m] = torch.from_numpy(cohort.images[m][idx])
         elif m == "omics":
-            x = cohort.omics_raw.iloc[idx].to_numpy()
+            x = tf.omics_raw_.iloc[idx].to_numpy()
             x = np.where(np.isnan(x), 0.0, x)
             out[m] = torch.from_numpy(tf.omics_scaler_.transform(x).astype(np.float32))
         elif m == "ehr":

@@ -52,7 +52,8 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
 
 def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed):
     seed_everything(seed)  # initial weights depend only on the seed, not on what ran before
-    model = build_model(cfg, tf.input_dims_, modalities, confounder_kinds=tf.confounder_kinds_)
+    model = build_model(cfg, tf.input_dims_, modalities, confounder_kinds=tf.confounder_kinds_,
+                        omics_structure=getattr(tf, "omics_structure_", None))
     if "ehr" in modalities and hasattr(model.encoders["ehr"], "set_empirical_mean"):
         model.encoders["ehr"].set_empirical_mean(torch.as_tensor(tf.ehr_.empirical_mean_, dtype=torch.float32))
     augment = {}
@@ -342,7 +343,8 @@ def _evaluate_fold(cfg: ExperimentConfig, cohort: Cohort, fold: Path, device) ->
         (p.parent.name, p) for p in (fold / "ablation").glob("*/checkpoint.pt")
     ):
         ck = load_checkpoint(path)
-        model = build_model(cfg, tf.input_dims_, ck["modalities"], confounder_kinds=tf.confounder_kinds_)
+        model = build_model(cfg, tf.input_dims_, ck["modalities"], confounder_kinds=tf.confounder_kinds_,
+                        omics_structure=getattr(tf, "omics_structure_", None))
         model.load_state_dict(ck["state_dict"])
         models[name] = model.to(device).eval()
     return _evaluate(cfg, cohort, splits, tensors, models, device, fold)

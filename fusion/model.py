@@ -129,7 +129,8 @@ class FusionModel(nn.Module):
 
 
 def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities: list[str], *,
-                confounder_kinds: Mapping[str, int] | None = None) -> FusionModel:
+                confounder_kinds: Mapping[str, int] | None = None,
+                omics_structure: Mapping | None = None) -> FusionModel:
     """Build a model for ``modalities`` from the config.
 
     ``input_dims`` gives, per modality, the channel count (images) or feature
@@ -148,7 +149,13 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
         if expected == "image3d":
             encoders[m] = create_encoder(mc.encoder, 3, input_dims[m], mc.out_dim, **mc.encoder_kwargs)
         else:
-            encoders[m] = create_encoder(mc.encoder, input_dims[m], mc.out_dim, **mc.encoder_kwargs)
+            kwargs = dict(mc.encoder_kwargs)
+            if m == "omics" and omics_structure:
+                if mc.encoder in ("gene_pathway_masked", "gene_pathway_gnn") and not {"mask", "gene_sets"} & set(kwargs):
+                    kwargs.update(gene_sets=omics_structure["gene_sets"], gene_names=omics_structure["feature_names"])
+                elif mc.encoder == "pathway_mlp_glasso":
+                    kwargs.setdefault("feature_names", omics_structure["feature_names"])
+            encoders[m] = create_encoder(mc.encoder, input_dims[m], mc.out_dim, **kwargs)
     fusion = create_fusion(
         cfg.fusion.name, {m: e.out_dim for m, e in encoders.items()}, cfg.fusion.hidden, dropout=cfg.fusion.dropout,
         **cfg.fusion.kwargs,

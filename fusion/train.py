@@ -122,6 +122,10 @@ def train_model(
             b = to_device(b, device)
             out = model(b)
             loss = out["loss"]
+            for mod in model.modules():  # encoder regularisers, e.g. pathway_mlp_glasso's group lasso
+                pen = getattr(mod, "penalty", None)
+                if mod is not model and callable(pen):
+                    loss = loss + pen()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

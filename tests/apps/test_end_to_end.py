@@ -209,3 +209,19 @@ def test_training_with_augmentation_and_inspect_image(small_cohort, tmp_path, ca
     info = json.loads(capsys.readouterr().out)
     assert info["modality"] == "CT" and info["spacing"] == pytest.approx([0.8, 0.8, 3.0])
     assert main(["inspect-image", str(small_cohort / "manifest.csv")]) == 2
+
+
+@pytest.mark.parametrize("omics", [
+    {"encoder": "pathway_mlp_glasso", "method": "gsva", "combat_batch_key": "site", "min_set_size": 10},
+    {"encoder": "gene_pathway_masked", "features": "genes", "min_set_size": 10},
+])
+def test_fold_fitted_omics_paths(small_cohort, tmp_path, omics):
+    cfg_path = _small_config(small_cohort, tmp_path, epochs=1)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["modalities"] = {"omics": {**omics, "out_dim": 8}, "clinical": cfg["modalities"]["clinical"]}
+    cfg["evaluation"]["ablation"] = False
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "omics"
+    assert main(["-q", "train", "--config", str(cfg_path), "--out", str(run)]) == 0
+    assert 0.0 <= json.loads((run / "metrics.json").read_text())["c_index"] <= 1.0
+    assert main(["-q", "evaluate", "--run", str(run)]) == 0
