@@ -377,17 +377,7 @@ def stratified_holdout(cohort: Cohort, *, test_fraction: float, val_fraction: fl
     from sklearn.model_selection import train_test_split
 
     n = len(cohort)
-    keys = []
-    for s in stratify:
-        if s == "site":
-            keys.append(cohort.sites.astype(str))
-        elif s == "event":
-            keys.append(cohort.event.astype(int).astype(str))
-        elif s in cohort.confounders:
-            keys.append(cohort.confounders[s].astype(str))
-        else:
-            raise ValueError(f"split.stratify: unknown column {s!r}; use 'site', 'event' or a confounder")
-    strata = np.array(["|".join(t) for t in zip(*keys)]) if keys else np.zeros(n, dtype=str)
+    strata = _strata(cohort, stratify)
     counts = pd.Series(strata).value_counts()
     strata = np.where(pd.Series(strata).map(counts).to_numpy() < 3, "__small__", strata)
     idx = np.arange(n)
@@ -398,6 +388,21 @@ def stratified_holdout(cohort: Cohort, *, test_fraction: float, val_fraction: fl
     rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=_safe(strata, idx))
     train, val = train_test_split(rest, test_size=n_val, random_state=seed + 1, stratify=_safe(strata, rest))
     return {"train": np.sort(train), "validation": np.sort(val), "test": np.sort(test)}
+
+
+def _strata(cohort: Cohort, stratify: Sequence[str]) -> np.ndarray:
+    """One stratum label per patient from ``site``, ``event`` and confounder columns."""
+    keys = []
+    for s in stratify:
+        if s == "site":
+            keys.append(cohort.sites.astype(str))
+        elif s == "event":
+            keys.append(cohort.event.astype(int).astype(str))
+        elif s in cohort.confounders:
+            keys.append(cohort.confounders[s].astype(str))
+        else:
+            raise ValueError(f"split.stratify: unknown column {s!r}; use 'site', 'event' or a confounder")
+    return np.array(["|".join(t) for t in zip(*keys)]) if keys else np.zeros(len(cohort), dtype=str)
 
 
 def _safe(strata: np.ndarray, idx: np.ndarray):
@@ -415,17 +420,7 @@ def site_holdout(cohort: Cohort, site: str, *, val_fraction: float, stratify: Se
     rest = np.flatnonzero(cohort.sites != site)
     if len(test) == 0:
         raise ValueError(f"site {site!r} has no patients")
-    keys = []
-    for s in stratify:
-        if s == "site":
-            keys.append(cohort.sites.astype(str))
-        elif s == "event":
-            keys.append(cohort.event.astype(int).astype(str))
-        elif s in cohort.confounders:
-            keys.append(cohort.confounders[s].astype(str))
-        else:
-            raise ValueError(f"split.stratify: unknown column {s!r}; use 'site', 'event' or a confounder")
-    strata = np.array(["|".join(t) for t in zip(*keys)]) if keys else np.zeros(len(cohort), dtype=str)
+    strata = _strata(cohort, stratify)
     n_val = max(1, int(round(val_fraction * len(rest))))
     train, val = train_test_split(rest, test_size=n_val, random_state=seed + 1, stratify=_safe(strata, rest))
     return {"train": np.sort(train), "validation": np.sort(val), "test": np.sort(test)}
