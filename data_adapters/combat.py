@@ -49,12 +49,9 @@ import numpy as np
 import pandas as pd
 
 from data_adapters.errors import InputError
+from data_adapters.omics import expression_matrix
 
 log = logging.getLogger(__name__)
-
-
-def _dense(X) -> np.ndarray:
-    return np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
 
 
 def _aprior(delta_hat: np.ndarray) -> float:
@@ -158,14 +155,7 @@ class ComBat:
 
     # ------------------------------------------------------------ helpers
     def _matrix(self, adata) -> np.ndarray:
-        if self.layer is not None and self.layer not in adata.layers:
-            raise InputError(f"layer {self.layer!r} not found", field=self.layer)
-        X = _dense(adata.layers[self.layer] if self.layer is not None else adata.X)
-        if not np.isfinite(X).all():
-            r, c = np.argwhere(~np.isfinite(X))[0]
-            raise InputError("NaN or infinite expression value", patient=str(adata.obs_names[r]),
-                             field=str(adata.var_names[c]))
-        return X
+        return expression_matrix(adata, self.layer)
 
     def _batches(self, adata) -> np.ndarray:
         if self.batch_key not in adata.obs:

