@@ -323,7 +323,71 @@ def evaluate_run(run: str | Path, *, progress: bool = True) -> dict:
     return metrics
 
 
-def _evaluate_fold(cfg: ExperimentConfig, cohort: Cohort, fold: Path, device) -> dict:
+class TrainedFold:
+    """Everything needed to re-run a trained fold: ``cfg``, ``cohort``, ``splits`` (name -> cohort row
+    indices), fitted ``transforms``, per-split ``tensors`` and ``models`` (``"fused"`` plus one per
+    ablated modality, eval mode, on ``device``)."""
+
+    def __init__(self, cfg, cohort, splits, transforms, tensors, models, device, folder):
+        self.cfg, self.cohort, self.splits, self.transforms = cfg, cohort, splits, transforms
+        self.tensors, self.models, self.device, self.folder = tensors, models, device, Path(folder)
+
+    def locate(self, pseudonym: str) -> tuple[str, int]:
+        """(split name, row inside that split's tensors) of a patient pseudonym."""
+        pos = {p: i for i, p in enumerate(self.cohort.pseudonyms)}
+        if pseudonym not in pos:
+            raise KeyError(f"patient {pseudonym!r} is not in this run (use the pseudonymised ID of predictions.csv)")
+        i = pos[pseudonym]
+        for k, idx in self.splits.items():
+            hit = np.nonzero(idx == i)[0]
+            if len(hit):
+                return k, int(hit[0])
+        raise KeyError(f"patient {pseudonym!r} was excluded from this fold")
+
+
+def fold_dirs(run: str | Path) -> list[Path]:
+    """The fold folders of a run: the run itself (hold-out) or ``run/folds/<site>`` (leave one site out)."""
+    run = Path(run)
+    if (run / "checkpoint.pt").exists():
+        return [run]
+    folds = sorted(p for p in (run / "folds").iterdir() if p.is_dir()) if (run / "folds").is_dir() else []
+    if not folds:
+        raise FileNotFoundError(f"{run} is not a run folder: no checkpoint.pt and no folds/")
+    return folds
+
+
+def load_trained_fold(fold: str | Path, *, cohort: Cohort | None = None, progress: bool = False,
+                      ablation: bool = True) -> TrainedFold:
+    """Rebuild a trained fold from its folder (config from the fold or its run, recorded splits,
+    transforms refitted on the recorded training patients, weights loaded with ``weights_only=True``)."""
+    fold = Path(fold)
+    cfg_path = fold / "config.yaml" if (fold / "config.yaml").exists() else fold.parent.parent / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{fold}: no config.yaml in the fold or its run folder")
+    cfg = load_config(cfg_path)
+    device = _configure_torch(cfg)
+    if cohort is None:
+        cohort = load_cohort(cfg, progress=progress)
+    cohort, splits, tf, tensors = _load_fold_splits(cfg, cohort, fold)
+    models = _load_models(cfg, tf, fold, device, ablation=ablation)
+    return TrainedFold(cfg, cohort, splits, tf, tensors, models, device, fold)
+
+
+def _load_models(cfg, tf, fold: Path, device, *, ablation: bool = True) -> dict:
+    models = {}
+    paths = [("fused", fold / "checkpoint.pt")]
+    if ablation:
+        paths += sorted((p.parent.name, p) for p in (fold / "ablation").glob("*/checkpoint.pt"))
+    for name, path in paths:
+        ck = load_checkpoint(path)
+        model = build_model(cfg, tf.input_dims_, ck["modalities"], confounder_kinds=tf.confounder_kinds_,
+                            omics_structure=getattr(tf, "omics_structure_", None))
+        model.load_state_dict(ck["state_dict"])
+        models[name] = model.to(device).eval()
+    return models
+
+
+def _load_fold_splits(cfg, cohort: Cohort, fold: Path):
     for name in ("splits.csv", "checkpoint.pt"):
         if not (fold / name).exists():
             raise FileNotFoundError(f"{fold} is not a run folder: {name} is missing")
@@ -337,16 +401,12 @@ def _evaluate_fold(cfg: ExperimentConfig, cohort: Cohort, fold: Path, device) ->
         )
     split_df = split_df[split_df["split"] != "excluded"]
     splits = {k: np.sort(np.array([pos[p] for p in g["patient"]])) for k, g in split_df.groupby("split")}
-    cohort, splits, tf, tensors = _prepare_from(cfg, cohort, splits)
-    models = {}
-    for name, path in [("fused", fold / "checkpoint.pt")] + sorted(
-        (p.parent.name, p) for p in (fold / "ablation").glob("*/checkpoint.pt")
-    ):
-        ck = load_checkpoint(path)
-        model = build_model(cfg, tf.input_dims_, ck["modalities"], confounder_kinds=tf.confounder_kinds_,
-                        omics_structure=getattr(tf, "omics_structure_", None))
-        model.load_state_dict(ck["state_dict"])
-        models[name] = model.to(device).eval()
+    return _prepare_from(cfg, cohort, splits)
+
+
+def _evaluate_fold(cfg: ExperimentConfig, cohort: Cohort, fold: Path, device) -> dict:
+    cohort, splits, tf, tensors = _load_fold_splits(cfg, cohort, fold)
+    models = _load_models(cfg, tf, fold, device)
     return _evaluate(cfg, cohort, splits, tensors, models, device, fold)
 
 
