@@ -11,17 +11,18 @@ Planted truth
 -------------
 Every patient has independent standard-normal latent factors ``tumour``,
 ``metabolic``, ``oedema``, ``immune``, ``inflammation`` (all prognostic),
-``proliferation`` (a nuisance that is *not* prognostic) and a standardised
-age.  The linear predictor is
+``proliferation`` (a nuisance that is *not* prognostic), a standardised age
+and ``frailty`` (prognostic, measured by no modality).  The linear predictor is
 
 .. math:: \\eta = \\sum_f \\beta_f z_f, \\qquad
-          \\beta = (1.0, 0.9, 0.7, 0.9, 0.9, 0.4)
+          \\beta = (1.0, 0.9, 0.7, 0.9, 0.9, 0.4, 0.8)
 
-(:data:`COEFFICIENTS`; age enters as ``(age - 63) / 10``) and survival times
-follow a Weibull proportional-hazards model (Bender, Augustin & Blettner,
+(:data:`COEFFICIENTS`; age enters as ``(age - 63) / 10``); adding the site's
+baseline log-hazard (:data:`SITE_LOG_HAZARD`) gives the log-hazard, and survival
+times follow a Weibull proportional-hazards model (Bender, Augustin & Blettner,
 *Statistics in Medicine* 24:1713, 2005):
 
-.. math:: T = \\lambda \\left(\\frac{-\\log U}{e^{\\eta}}\\right)^{1/k},
+.. math:: T = \\lambda \\left(\\frac{-\\log U}{e^{\\eta + s}}\\right)^{1/k},
           \\qquad U \\sim \\mathcal{U}(0, 1)
 
 with administrative censoring and random dropout.  Each factor is visible in
@@ -39,7 +40,8 @@ one modality only, so the modalities are complementary:
 - clinical: age and a stage derived from ``tumour`` plus noise.
 
 Site confounding is planted as well: a CT reconstruction kernel (``scanner``
-column, SHARP or SMOOTH) that tracks the outcome at the training sites only,
+column, SHARP or SMOOTH) that tracks the outcome at the training sites and is reversed
+at the held-out site,
 per-site MR intensity scales and per-site expression batch effects.
 """
 from __future__ import annotations
@@ -70,6 +72,7 @@ COEFFICIENTS: dict[str, float] = {
     "immune": 0.9,
     "inflammation": 0.9,
     "age": 0.4,
+    "frailty": 0.8,
 }
 #: Latent factors drawn per patient (``age`` is the standardised age).
 FACTORS: tuple[str, ...] = (
@@ -80,6 +83,7 @@ FACTORS: tuple[str, ...] = (
     "inflammation",
     "proliferation",
     "age",
+    "frailty",
 )
 AGE_MEAN = 63.0
 AGE_SD = 10.0
@@ -89,9 +93,21 @@ WEIBULL_SHAPE = 1.3
 WEIBULL_SCALE_DAYS = 1000.0
 ADMIN_CENSORING_DAYS = (600.0, 1800.0)
 DROPOUT_PROBABILITY = 0.10
-#: At training sites P(SHARP) = sigmoid(SHORTCUT_STRENGTH * eta / sd(eta)).
-SHORTCUT_STRENGTH = 1.5
+#: ``frailty`` is prognostic but *no modality measures it* (e.g. the referral pathway).
+#: At training sites the sicker-by-frailty patients get the SHARP CT protocol,
+#: P(SHARP) = sigmoid(SHORTCUT_STRENGTH * frailty); at the held-out site the relation is
+#: reversed, P(SHARP) = sigmoid(-SHORTCUT_STRENGTH * frailty).  The protocol is visible in
+#: the CT, so a model can learn it as a proxy of frailty: a shortcut that fails at the
+#: held-out site and that removing scanner information costs nothing real.
+SHORTCUT_STRENGTH = 2.5
+#: Site baseline log-hazard (case mix / standard of care), cycled over sites.  Constant
+#: within a site, so it does not change any within-site ranking, but it makes the site
+#: worth recognising for a model pooled over sites.
+SITE_LOG_HAZARD = (0.5, -0.5, 0.25, -0.25, 0.0)
 CT_NOISE_SD_HU = {"SHARP": 45.0, "SMOOTH": 12.0}
+#: Calibration offset of the SHARP-protocol scanner (HU added everywhere inside the body):
+#: survives resampling to a coarse grid, so a CNN can read the protocol from mean intensity.
+CT_HU_OFFSET = {"SHARP": 35.0, "SMOOTH": 0.0}
 #: Probability that a modality is missing (independently; >= 1 image kept).
 MISSING_RATES: dict[str, float] = {
     "ct": 0.04,
@@ -410,6 +426,7 @@ def _render_ct(spec: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarr
     kernel = spec["kernel"]
     if kernel == "SMOOTH":
         hu = gaussian_filter(hu, sigma=(0.3, 0.7, 0.7))
+    hu = hu + CT_HU_OFFSET[kernel] * f["body"]
     hu = hu + CT_NOISE_SD_HU[kernel] * rng.standard_normal(hu.shape, dtype=np.float32)
     return hu, f["inside"].astype(np.uint8)
 
@@ -763,6 +780,7 @@ def _site_params(n_sites: int, rng: np.random.Generator) -> list[dict[str, Any]]
             "pet_vendor": _PET_VENDORS[k % len(_PET_VENDORS)],
             "mr_vendor": _MR_VENDORS[k % len(_MR_VENDORS)],
             "mri_scale": float(rng.uniform(*MR_SITE_SCALE_RANGE)),
+            "log_hazard": SITE_LOG_HAZARD[k % len(SITE_LOG_HAZARD)],
             "library_factor": float(rng.lognormal(0.0, 0.3)),
         })
     return sites
@@ -851,7 +869,8 @@ def _plan_patient(
     has["clinical"] = True
     # outcome
     eta = sum(COEFFICIENTS[f] * factors[f] for f in COEFFICIENTS)
-    t_event = WEIBULL_SCALE_DAYS * (-math.log(1.0 - rng.random()) / math.exp(eta)) ** (1.0 / WEIBULL_SHAPE)
+    log_hazard = eta + site["log_hazard"]
+    t_event = WEIBULL_SCALE_DAYS * (-math.log(1.0 - rng.random()) / math.exp(log_hazard)) ** (1.0 / WEIBULL_SHAPE)
     c_admin = rng.uniform(*ADMIN_CENSORING_DAYS)
     dropout = rng.random() < DROPOUT_PROBABILITY
     c_drop = rng.uniform(0.3 * c_admin, c_admin)
@@ -859,7 +878,7 @@ def _plan_patient(
     time = max(round(min(t_event, censor), 1), 0.1)
     event = int(t_event <= censor)
     # site shortcut (CT reconstruction kernel)
-    p_sharp = 0.5 if held_out else float(_sigmoid(SHORTCUT_STRENGTH * eta / sd_eta))
+    p_sharp = float(_sigmoid((-1.0 if held_out else 1.0) * SHORTCUT_STRENGTH * factors["frailty"]))
     kernel = "SHARP" if rng.random() < p_sharp else "SMOOTH"
     # anatomy (world mm, LPS)
     body_centre = (round(rng.uniform(-5, 5), 2), round(rng.uniform(-30, -10), 2),
@@ -924,7 +943,7 @@ def _plan_patient(
     return {
         "index": i, "seed": seed, "site": site["site"], "held_out": held_out,
         "factors": factors, "age": age, "sex": sex, "stage": stage, "has": has,
-        "eta": float(eta), "time": float(time), "event": event,
+        "eta": float(eta), "log_hazard": float(log_hazard), "time": float(time), "event": event,
         "t_event": float(t_event), "censor_time": float(censor), "dropout": bool(dropout),
         "kernel": kernel, "scanner": f"{site['site']}-{kernel}", "p_sharp": p_sharp,
         "anatomy": anatomy, "pet": pet, "mri": mri,
@@ -1203,6 +1222,7 @@ def make_demo_cohort(
         entry: dict[str, Any] = {
             "factors": {k: round(v, 6) for k, v in p["factors"].items()},
             "linear_predictor": round(p["eta"], 6),
+            "log_hazard": round(p["log_hazard"], 6),
             "site": p["site"],
             "scanner": p["scanner"],
             "p_sharp": round(p["p_sharp"], 6),
@@ -1281,17 +1301,24 @@ def make_demo_cohort(
         "ehr_visit_rate": f"Poisson visits, mean {EHR_MEAN_VISITS} * lognormal(0, 0.3) * "
                           f"exp({EHR_RATE_INFLAMMATION} * inflammation) (normalised)",
         "shortcut": {
-            "description": "CT reconstruction kernel (manifest column 'scanner'): at training sites "
-                           "P(SHARP) = sigmoid(1.5 * eta / sd(eta)), at the held-out site P(SHARP) = 0.5; "
-                           "SHARP adds noise SD 45 HU, SMOOTH 12 HU with a slight Gaussian blur. A model "
-                           "that reads CT noise texture learns a shortcut that fails at the held-out site.",
+            "description": f"CT protocol (manifest column 'scanner'): at training sites "
+                           f"P(SHARP) = sigmoid({SHORTCUT_STRENGTH} * frailty); at the held-out site the relation "
+                           f"is reversed, P(SHARP) = sigmoid(-{SHORTCUT_STRENGTH} * frailty). frailty is prognostic "
+                           "(coefficient in 'coefficients') but no modality measures it. SHARP adds noise SD "
+                           f"{CT_NOISE_SD_HU['SHARP']:g} HU and a +{CT_HU_OFFSET['SHARP']:g} HU calibration offset "
+                           f"inside the body; SMOOTH {CT_NOISE_SD_HU['SMOOTH']:g} HU with a slight Gaussian blur. "
+                           "A model that reads the protocol from the CT learns a proxy of frailty that fails at "
+                           "the held-out site; removing scanner information costs no real signal.",
             "column": "scanner",
             "strength": SHORTCUT_STRENGTH,
+            "held_out_strength": -SHORTCUT_STRENGTH,
             "noise_sd_hu": dict(CT_NOISE_SD_HU),
-            "sd_eta": round(sd_eta, 6),
+            "hu_offset": dict(CT_HU_OFFSET),
+            "factor": "frailty",
         },
         "site_effects": {
             s["site"]: {"institution": s["institution"], "mri_intensity_scale": round(s["mri_scale"], 4),
+                        "baseline_log_hazard": s["log_hazard"],
                         "expression_library_factor": round(s["library_factor"], 6)}
             for s in site_list
         },

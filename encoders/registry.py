@@ -47,7 +47,7 @@ def register_encoder(name: str, *, family: str) -> Callable[[type], type]:
 
 def _ensure_builtin() -> None:
     # Importing the modules registers the built-in encoders.
-    from encoders import ehr, image, image_monai, omics, tabular  # noqa: F401
+    from encoders import early, ehr, image, image_monai, omics, tabular  # noqa: F401
 
 
 def list_encoders(family: str | None = None) -> list[str]:

@@ -60,8 +60,12 @@ class ConfounderAdversary(nn.Module):
         audit the embedding and make the min-max game far more stable.
     """
 
-    def __init__(self, in_dim: int, confounders: Mapping[str, int], *, hidden: int = 32) -> None:
+    def __init__(self, in_dim: int, confounders: Mapping[str, int], *, hidden: int = 32,
+                 mode: str = "reverse") -> None:
         super().__init__()
+        if mode not in ("reverse", "confusion"):
+            raise ValueError(f"mode must be 'reverse' or 'confusion', got {mode!r}")
+        self.mode = mode
         if in_dim < 1:
             raise ValueError(f"in_dim must be >= 1, got {in_dim}")
         if hidden < 0:
@@ -82,8 +86,56 @@ class ConfounderAdversary(nn.Module):
         self.lambd = 0.0  # set by the trainer every step (DANN schedule)
 
     def forward(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = grad_reverse(embedding, self.lambd)
+        z = grad_reverse(embedding, self.lambd) if self.mode == "reverse" else embedding
         return {n: (h(z) if self.kinds[n] >= 2 else h(z).reshape(-1)) for n, h in self.heads.items()}
+
+    def encoder_loss(self, embedding: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The confounder term of the encoders' training loss.
+
+        ``mode="reverse"`` (DANN): the heads' own loss through the gradient
+        reversal layer, so encoders ascend the adversary's cross-entropy.
+        Ascending a cross-entropy can be won by making the adversary
+        *confidently wrong*, which keeps (inverts) the confounder information.
+
+        ``mode="confusion"``: the heads are frozen for this term and the
+        encoders minimise ``lambd`` times a no-information loss: for a
+        categorical confounder the cross-entropy between the heads' predicted
+        distribution and the confounder's class frequencies in the batch (the
+        domain-confusion loss of Tzeng et al. 2015, ICCV, "Simultaneous deep
+        transfer across domains and tasks", eq. 3; Alvi et al. 2018, "Turning a
+        blind eye"), minimal when the adversary can do no better than the
+        prior; for a continuous confounder the squared Pearson correlation
+        between the head's prediction and the confounder (CF-Net, Zhao, Adeli &
+        Pohl 2020, Nat. Commun. 11:5922), minimal at zero correlation.  The
+        heads themselves are trained by :func:`adversary_inner_steps`.
+        """
+        if self.mode == "reverse":
+            return self.loss(self(embedding), targets)
+        from torch.func import functional_call
+
+        from fusion.losses import cfnet_correlation_loss
+
+        losses = []
+        for n, h in self.heads.items():
+            params = {k: v.detach() for k, v in h.named_parameters()}
+            out = functional_call(h, params, (embedding,))
+            y = targets[n]
+            if self.kinds[n] >= 2:
+                keep = y >= 0
+                if keep.sum() < 2:
+                    continue
+                prior = torch.bincount(y[keep].long(), minlength=self.kinds[n]).to(out.dtype)
+                prior = prior / prior.sum()
+                losses.append(-(prior * F.log_softmax(out[keep], dim=1)).sum(dim=1).mean()
+                              + (prior * torch.log(prior.clamp_min(1e-12))).sum())  # = KL(prior || p), >= 0
+            else:
+                keep = torch.isfinite(y)
+                if keep.sum() < 3:
+                    continue
+                losses.append(-cfnet_correlation_loss(out.reshape(-1)[keep], y[keep].to(out.dtype)))
+        if not losses:
+            return embedding.sum() * 0.0
+        return self.lambd * torch.stack(losses).mean()
 
     def loss(self, logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Mean over confounders of cross-entropy (categorical) or MSE (continuous).

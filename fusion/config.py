@@ -69,7 +69,8 @@ class ImagePreprocessing(_Strict):
 
 class ModalityConfig(_Strict):
     encoder: str
-    out_dim: int = Field(32, ge=1)
+    out_dim: Optional[int] = Field(32, ge=1, description="embedding size; null = the encoder's natural size "
+                                                         "(parameter-free early-fusion extractors)")
     encoder_kwargs: dict = Field(default_factory=dict)
     # imaging
     preprocessing: Optional[ImagePreprocessing] = None
@@ -102,6 +103,16 @@ class FusionConfig(_Strict):
     aux_loss_weight: float = Field(0.0, ge=0.0, description="weight of per-modality auxiliary Cox losses")
     kwargs: dict = Field(default_factory=dict, description="extra arguments of the fusion strategy")
 
+    @field_validator("name")
+    @classmethod
+    def _known_fusion(cls, v):
+        from fusion.strategies import list_fusions
+
+        valid = sorted(set(list_fusions()) | {"early", "late_stacking"})
+        if v not in valid:
+            raise ValueError(f"unknown fusion {v!r}; valid names: {', '.join(valid)}")
+        return v
+
 
 class AdversaryConfig(_Strict):
     """Adversarial confounder removal (gradient reversal, DANN schedule)."""
@@ -113,6 +124,10 @@ class AdversaryConfig(_Strict):
     lambda_max: float = Field(3.0, ge=0.0, description="GRL strength reached at the end of training")
     hidden: int = Field(0, ge=0, description="hidden size of each adversary head; 0 = linear heads")
     steps: int = Field(5, ge=0, description="adversary-only updates per training step")
+    mode: Literal["reverse", "confusion"] = Field(
+        "confusion", description="reverse: DANN gradient reversal of the adversary's loss; confusion: encoders "
+                                 "push the adversary's prediction to the class prior (categorical) or to zero "
+                                 "correlation (continuous, CF-Net)")
 
 
 class TrainingConfig(_Strict):
@@ -124,11 +139,28 @@ class TrainingConfig(_Strict):
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability of hiding a modality in training")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Optional[int] = Field(None, ge=1)
+    amp: bool = Field(False, description="mixed precision on CUDA (bfloat16, else float16 + scaler); ignored on CPU")
+    sampling: Literal["random", "site_stratified"] = Field(
+        "random", description="batch composition: shuffled, or every batch with the training sites' proportions")
+
+
+class ExternalData(_Strict):
+    """An external test cohort: its own manifest and tables (unset tables default to data.*)."""
+
+    root: Optional[str] = Field(None, description="folder the relative paths below are resolved against")
+    manifest: str
+    expression: Optional[str] = None
+    ehr: Optional[str] = None
+    clinical: Optional[str] = None
+    ehr_index_times: Optional[str] = None
 
 
 class SplitConfig(_Strict):
-    scheme: Literal["holdout", "loso"] = "holdout"
+    scheme: Literal["holdout", "loso", "kfold", "external"] = "holdout"
     held_out_sites: Optional[list[str]] = Field(None, description="loso: sites to hold out (default: every site)")
+    n_folds: int = Field(5, ge=2, description="kfold: number of stratified folds")
+    external: Optional[ExternalData] = Field(None, description="external: the external test cohort (all of it is "
+                                                               "test; train/validation come from data.*)")
     test_fraction: float = Field(0.25, gt=0, lt=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     stratify: list[str] = Field(default_factory=lambda: ["site", "event"])
@@ -137,6 +169,8 @@ class SplitConfig(_Strict):
 class EvaluationConfig(_Strict):
     ablation: bool = True
     risk_groups: int = Field(2, ge=2, le=4)
+    n_boot: int = Field(200, ge=0, description="bootstrap resamples for the per-site confidence intervals")
+    model_card: bool = Field(True, description="write model_card.md into the run folder")
 
 
 class ExperimentConfig(_Strict):
@@ -183,6 +217,11 @@ class ExperimentConfig(_Strict):
         for c in self.adversary.confounders + self.adversary.continuous:
             if c not in known:
                 raise ValueError(f"adversary: '{c}' is not listed in data.confounders (or 'site')")
+        if (self.split.scheme == "external") != (self.split.external is not None):
+            raise ValueError("split.external (the external test cohort) is required by, and only used with, "
+                             "split.scheme 'external'")
+        if self.adversary.enabled and self.adversary.mode == "confusion" and self.adversary.steps < 1:
+            raise ValueError("adversary.mode 'confusion' trains the adversary in its own steps: set adversary.steps >= 1")
         if self.task.kind != "survival":
             raise ValueError("task.kind 'classification' is not available yet; use 'survival'")
         return self
@@ -199,6 +238,16 @@ class ExperimentConfig(_Strict):
             if val is not None and not Path(val).is_absolute():
                 setattr(cfg.data, f, str((root / val).resolve()))
         cfg.data.root = str(root.resolve())
+        ext = cfg.split.external
+        if ext is not None:
+            eroot = Path(ext.root) if ext.root else Path(base)
+            if not eroot.is_absolute():
+                eroot = (Path(base) / eroot).resolve()
+            for f in ("manifest", "expression", "ehr", "clinical", "ehr_index_times"):
+                val = getattr(ext, f)
+                if val is not None and not Path(val).is_absolute():
+                    setattr(ext, f, str((eroot / val).resolve()))
+            ext.root = str(eroot.resolve())
         return cfg
 
     def to_yaml(self) -> str:
@@ -245,9 +294,34 @@ def load_config(path: str | Path, *, overrides: dict | None = None) -> Experimen
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    data = _resolve_extends(data or {}, path, seen=(path.resolve(),))
     if overrides:
-        data = _deep_merge(data or {}, overrides)
+        data = _deep_merge(data, overrides)
     return parse_config(data, source=str(path), base=path.parent)
+
+
+def _resolve_extends(data: dict, path: Path, *, seen: tuple) -> dict:
+    """``extends: other.yaml`` (relative to this file): start from that file and merge this one over it.
+
+    Mappings merge key by key; any other value (lists included) replaces the base's.
+    """
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    data = dict(data)
+    ref = data.pop("extends")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{path}: 'extends' must be a file name, got {ref!r}")
+    base_path = (path.parent / ref)
+    if not base_path.exists():
+        raise ConfigError(f"{path}: extends '{ref}', but {base_path} does not exist")
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' makes a cycle through {base_path}")
+    try:
+        base = yaml.safe_load(base_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {base_path} is not valid YAML: {err}") from None
+    base = _resolve_extends(base, base_path, seen=seen + (base_path.resolve(),))
+    return _deep_merge(base, data)
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

@@ -366,6 +366,92 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v if k in ("modalities", "patient_id", "report") else mv(v)) for k, v in batch.items()}
 
 
+def load_external_cohort(cfg: ExperimentConfig, *, progress: bool = True) -> Cohort:
+    """Load ``split.external`` with the development config's modalities and preprocessing."""
+    ext = cfg.split.external
+    data = cfg.data.model_copy(update={
+        "manifest": ext.manifest,
+        "expression": ext.expression or cfg.data.expression,
+        "ehr": ext.ehr or cfg.data.ehr,
+        "clinical": ext.clinical or cfg.data.clinical,
+        "ehr_index_times": ext.ehr_index_times or cfg.data.ehr_index_times,
+    })
+    return load_cohort(cfg.model_copy(update={"data": data}), progress=progress)
+
+
+def concat_cohorts(a: Cohort, b: Cohort, *, b_name: str = "external") -> Cohort:
+    """One cohort with the patients of ``a`` then ``b`` (same modalities and confounders)."""
+    if a.modalities != b.modalities:
+        raise ValueError(f"{b_name} cohort has modalities {b.modalities}, the development cohort {a.modalities}")
+    if set(a.confounders) != set(b.confounders):
+        raise ValueError(f"{b_name} cohort has confounders {sorted(b.confounders)}, the development cohort "
+                         f"{sorted(a.confounders)}")
+    dup = sorted(set(a.patient_ids) & set(b.patient_ids))
+    if dup:
+        raise ValueError(f"{len(dup)} patient(s) are in both the development and the {b_name} manifest "
+                         f"(first: pseudonym {pseudonymise(dup[0])}); an external test set must be disjoint")
+    out = Cohort(
+        patient_ids=a.patient_ids + b.patient_ids,
+        pseudonyms=a.pseudonyms + b.pseudonyms,
+        sites=np.concatenate([a.sites, b.sites]),
+        time=np.concatenate([a.time, b.time]),
+        event=np.concatenate([a.event, b.event]),
+        confounders={c: np.concatenate([a.confounders[c], b.confounders[c]]) for c in a.confounders},
+        modalities=list(a.modalities),
+        present=np.vstack([a.present, b.present]),
+        images={m: np.concatenate([a.images[m], b.images[m]]) for m in a.images},
+        rois={m: np.concatenate([a.rois[m], b.rois[m]]) for m in a.rois},
+        omics_gene_sets=a.omics_gene_sets,
+        uid_hashes={**a.uid_hashes, **b.uid_hashes},
+        report={"development": a.report, b_name: b.report},
+    )
+    if a.omics_raw is not None:
+        out.omics_raw = pd.concat([a.omics_raw, b.omics_raw.reindex(columns=a.omics_raw.columns)])
+    if a.omics_adata is not None:
+        import anndata as ad
+
+        out.omics_adata = ad.concat([a.omics_adata, b.omics_adata], join="inner", merge="same")
+    for f in ("ehr_events", "clinical_table"):
+        x, y = getattr(a, f), getattr(b, f)
+        if x is not None:
+            setattr(out, f, pd.concat([x, y]) if y is not None else x)
+    return out
+
+
+def external_split(n_dev: int, n_ext: int, cohort_dev: Cohort, *, val_fraction: float, stratify: Sequence[str],
+                   seed: int) -> dict[str, np.ndarray]:
+    """Train / validation from the development patients ``0..n_dev-1``; test = every external patient."""
+    from sklearn.model_selection import train_test_split
+
+    rest = np.arange(n_dev)
+    strata = _strata(cohort_dev, stratify)
+    n_val = max(1, int(round(val_fraction * n_dev)))
+    train, val = train_test_split(rest, test_size=n_val, random_state=seed + 1, stratify=_safe(strata, rest))
+    return {"train": np.sort(train), "validation": np.sort(val), "test": np.arange(n_dev, n_dev + n_ext)}
+
+
+def stratified_kfold(cohort: Cohort, *, n_folds: int, val_fraction: float, stratify: Sequence[str],
+                     seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """``fold-1`` .. ``fold-k``: test = one stratified fold, train / validation from the others."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    n = len(cohort)
+    if n < 2 * n_folds:
+        raise ValueError(f"split.n_folds {n_folds} is too many for {n} patients")
+    strata = _strata(cohort, stratify)
+    counts = pd.Series(strata).value_counts()
+    strata = np.where(pd.Series(strata).map(counts).to_numpy() < n_folds, "__small__", strata)
+    if pd.Series(strata).value_counts().min() < n_folds:
+        strata = np.zeros(n, dtype=str)
+    folds = {}
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (rest, test) in enumerate(skf.split(np.zeros(n), strata)):
+        n_val = max(1, int(round(val_fraction * len(rest))))
+        train, val = train_test_split(rest, test_size=n_val, random_state=seed + 1, stratify=_safe(strata, rest))
+        folds[f"fold-{k + 1}"] = {"train": np.sort(train), "validation": np.sort(val), "test": np.sort(test)}
+    return folds
+
+
 def stratified_holdout(cohort: Cohort, *, test_fraction: float, val_fraction: float, stratify: Sequence[str],
                        seed: int) -> dict[str, np.ndarray]:
     """Split patient indices into train / validation / test, stratified by ``stratify``.

@@ -27,7 +27,8 @@ import torch
 
 from fusion.config import ExperimentConfig, load_config
 from fusion.audit import confounder_probe
-from fusion.data import Cohort, FoldTransforms, load_cohort, make_tensors, site_holdout, stratified_holdout
+from fusion.data import (Cohort, FoldTransforms, concat_cohorts, external_split, load_cohort, load_external_cohort,
+                         make_tensors, site_holdout, stratified_holdout, stratified_kfold)
 from fusion.metrics import c_index_by_group, harrell_c, logrank_p
 from fusion.model import build_model
 from fusion.provenance import atomic_write_bytes, atomic_write_json, load_checkpoint, provenance, save_checkpoint
@@ -44,13 +45,43 @@ def _setup_logging(run: Path) -> logging.Handler:
     return handler
 
 
+def _check_resumable(cfg: ExperimentConfig, out: Path) -> None:
+    if not (out / "config.yaml").exists():
+        raise FileNotFoundError(f"cannot resume: {out} has no config.yaml (not a started run folder)")
+    if (out / "config.yaml").read_text() != cfg.to_yaml():
+        raise ValueError(f"cannot resume {out}: its config.yaml differs from the given config "
+                         "(resume needs the identical config; start a new run folder instead)")
+
+
 def _prepare_run_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"run folder {out} is not empty; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed):
+def _train_or_resume(cfg, modalities, tf, tensors, device, progress, desc, seed, ck_path: Path, *, resume: bool,
+                     train_sites=None):
+    """Train one model into ``ck_path``; with ``resume`` reuse a finished checkpoint or continue a killed run."""
+    state = ck_path.parent / "train_state.pt"
+    if resume and ck_path.exists():
+        ck = load_checkpoint(ck_path)
+        if "history" in ck:
+            model = build_model(cfg, tf.input_dims_, ck["modalities"], confounder_kinds=tf.confounder_kinds_,
+                                omics_structure=getattr(tf, "omics_structure_", None))
+            model.load_state_dict(ck["state_dict"])
+            log.info("%s: finished checkpoint found, not retrained", desc)
+            return model.to(device).eval(), ck["history"]
+    if not resume and state.exists():
+        state.unlink()
+    model, history = _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed, state_path=state,
+                                      train_sites=train_sites)
+    _save_model(ck_path, model, modalities, cfg, history=history)
+    state.unlink(missing_ok=True)
+    return model, history
+
+
+def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed, *, state_path=None,
+                     train_sites=None):
     seed_everything(seed)  # initial weights depend only on the seed, not on what ran before
     model = build_model(cfg, tf.input_dims_, modalities, confounder_kinds=tf.confounder_kinds_,
                         omics_structure=getattr(tf, "omics_structure_", None))
@@ -64,9 +95,21 @@ def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed)
 
             augment[m] = make_augmentation(m, prob=pp.augment_prob, seed=seed, pet_compression=pp.pet_compression,
                                            elastic=pp.augment_elastic)
+    batch_order = None
+    if cfg.training.sampling == "site_stratified":
+        if train_sites is None:
+            raise ValueError("training.sampling: site_stratified needs the training patients' sites")
+        from fusion.sampling import site_stratified_batches
+
+        sites_arr = np.asarray(train_sites)
+
+        def batch_order(rng):
+            return site_stratified_batches(sites_arr, cfg.training.batch_size, rng)
+
     return train_model(model, tensors["train"], tensors["validation"], cfg.training, seed=seed, device=device,
                        progress=progress, desc=desc, lambda_max=cfg.adversary.lambda_max,
-                       adversary_steps=cfg.adversary.steps, augment=augment or None)
+                       adversary_steps=cfg.adversary.steps if cfg.adversary.enabled else 0,
+                       augment=augment or None, state_path=state_path, batch_order=batch_order)
 
 
 def _configure_torch(cfg: ExperimentConfig) -> torch.device:
@@ -84,28 +127,30 @@ def _write_splits(path: Path, cohort: Cohort, splits: dict) -> None:
 
 
 def _run_fold(cfg: ExperimentConfig, cohort: Cohort, splits: dict, out: Path, device, progress: bool,
-              *, ablation: bool) -> tuple[dict, dict]:
+              *, ablation: bool, resume: bool = False) -> tuple[dict, dict]:
     """Fit transforms, train (fused + ablations), evaluate one split into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     cohort, splits, tf, tensors = _prepare_from(cfg, cohort, splits)
     log.info("split sizes %s", {k: len(v) for k, v in splits.items()})
     _write_splits(out / "splits.csv", cohort, splits)
     histories: dict = {}
-    model, histories["fused"] = _build_and_train(cfg, cohort.modalities, tf, tensors, device, progress,
-                                                 "fused", cfg.seed)
-    _save_model(out / "checkpoint.pt", model, cohort.modalities, cfg)
+    train_sites = cohort.sites[splits["train"]]
+    model, histories["fused"] = _train_or_resume(cfg, cohort.modalities, tf, tensors, device, progress, "fused",
+                                                 cfg.seed, out / "checkpoint.pt", resume=resume,
+                                                 train_sites=train_sites)
     models = {"fused": model}
     if ablation and len(cohort.modalities) > 1:
         for m in cohort.modalities:
-            mm, histories[m] = _build_and_train(cfg, [m], tf, tensors, device, progress, f"only {m}", cfg.seed)
-            _save_model(out / "ablation" / m / "checkpoint.pt", mm, [m], cfg)
-            models[m] = mm
+            models[m], histories[m] = _train_or_resume(cfg, [m], tf, tensors, device, progress, f"only {m}",
+                                                       cfg.seed, out / "ablation" / m / "checkpoint.pt",
+                                                       resume=resume, train_sites=train_sites)
     atomic_write_json(out / "history.json", histories)
     metrics = _evaluate(cfg, cohort, splits, tensors, models, device, out)
     return metrics, {k: v.get("report", {}) for k, v in tensors.items()}
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False) -> dict:
+def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False,
+                   resume: bool = False) -> dict:
     """Train and evaluate ``cfg`` into the run folder ``out``; return the metrics.
 
     ``split.scheme: holdout`` trains once (train / validation / test stratified
@@ -114,9 +159,17 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = T
     on the other sites, each fold in ``out/folds/<site>/``, and reports
     ``folds`` (site -> c-index of that held-out site), their mean as
     ``c_index``, and ``confounder_probe_auc`` averaged over folds.
+    ``split.scheme: kfold`` does the same over ``split.n_folds`` stratified
+    folds (``out/folds/fold-<k>/``).  ``split.scheme: external`` trains on the
+    development cohort and tests on every patient of ``split.external``.
+    ``resume=True`` continues a killed run (same config) from its last
+    completed epoch, reusing finished models.
     """
     out = Path(out)
-    _prepare_run_dir(out, overwrite)
+    if resume:
+        _check_resumable(cfg, out)
+    else:
+        _prepare_run_dir(out, overwrite)
     handler = _setup_logging(out)
     try:
         t0 = time.time()
@@ -126,15 +179,29 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = T
         cohort = load_cohort(cfg, progress=progress)
         log.info("cohort: %d patients, modalities %s", len(cohort), cohort.modalities)
         s = cfg.split
-        if s.scheme == "holdout":
-            splits = stratified_holdout(cohort, test_fraction=s.test_fraction, val_fraction=s.val_fraction,
+        if s.scheme in ("holdout", "external"):
+            if s.scheme == "holdout":
+                splits = stratified_holdout(cohort, test_fraction=s.test_fraction, val_fraction=s.val_fraction,
+                                            stratify=s.stratify, seed=cfg.seed)
+            else:
+                ext = load_external_cohort(cfg, progress=progress)
+                n_dev = len(cohort)
+                splits = external_split(n_dev, len(ext), cohort, val_fraction=s.val_fraction,
                                         stratify=s.stratify, seed=cfg.seed)
+                cohort = concat_cohorts(cohort, ext)
+                log.info("external test cohort: %d patients", len(ext))
             metrics, transform_report = _run_fold(cfg, cohort, splits, out, device, progress,
-                                                  ablation=cfg.evaluation.ablation)
+                                                  ablation=cfg.evaluation.ablation, resume=resume)
+        elif s.scheme == "kfold":
+            folds = stratified_kfold(cohort, n_folds=s.n_folds, val_fraction=s.val_fraction, stratify=s.stratify,
+                                     seed=cfg.seed)
+            metrics, transform_report = _run_folds(cfg, cohort, out, device, progress, folds, resume=resume)
         else:
-            metrics, transform_report = _run_loso(cfg, cohort, out, device, progress)
+            metrics, transform_report = _run_loso(cfg, cohort, out, device, progress, resume=resume)
         metrics["train_seconds"] = round(time.time() - t0, 1)
-        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "metrics.json", _jsonable(metrics))
+        if cfg.evaluation.model_card:
+            _write_model_card(out, cfg, cohort, metrics)
         report = dict(cohort.report)
         report["transform"] = transform_report
         atomic_write_json(out / "report.json", _jsonable(report))
@@ -152,28 +219,83 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = T
 
 def _aggregate_loso(cfg: ExperimentConfig, cohort: Cohort, fold_metrics: dict[str, dict]) -> dict:
     folds, probes = [], {}
+    key = "site" if cfg.split.scheme == "loso" else "fold"
     for site, m in fold_metrics.items():
-        folds.append({"site": site, "c_index": m["c_index"], "n_test": m["n_patients"]["test"],
+        folds.append({key: site, "c_index": m["c_index"], "n_test": m["n_patients"]["test"],
                       "ablation": m["ablation"], "confounder_probe_auc": m["confounder_probe_auc"]})
         for k, v in m["confounder_probe_auc"].items():
             if v is not None:
                 probes.setdefault(k, []).append(v)
     cs = [f["c_index"] for f in folds if f["c_index"] is not None and not np.isnan(f["c_index"])]
+    if key == "site":
+        per_site = [dict(next((r for r in m.get("per_site", []) if r["group"] == site), {"group": site}))
+                    for site, m in fold_metrics.items()]
+    else:  # k-fold: pool each site's rows over folds is not a valid CI; report the per-fold per-site rows
+        per_site = [dict(r, fold=name) for name, m in fold_metrics.items() for r in m.get("per_site", [])
+                    if r["group"] != "all"]
+    for f, m in zip(folds, fold_metrics.values()):
+        f.update({k: m.get(k) for k in ("uno_c", "ibs", "mean_td_auc")})
     return {
+        "per_site": per_site,
         "c_index": round(float(np.mean(cs)), 4) if cs else None,
-        "c_index_per_site": {f["site"]: f["c_index"] for f in folds},
+        "c_index_sd": round(float(np.std(cs, ddof=1)), 4) if len(cs) > 1 else None,
+        "c_index_per_site": ({f["site"]: f["c_index"] for f in folds} if key == "site" else
+                             _mean_per_site(fold_metrics)),
         "folds": folds,
         "confounder_probe_auc": {k: round(float(np.mean(v)), 4) for k, v in probes.items()},
         "ablation": {name: round(float(np.mean([f["ablation"][name] for f in folds])), 4)
                      for name in folds[0]["ablation"]},
         "n_patients": {"total": len(cohort), "folds": len(folds)},
         "modalities": cohort.modalities,
-        "split_scheme": "loso",
+        "split_scheme": cfg.split.scheme,
         "seed": cfg.seed,
     }
 
 
-def _run_loso(cfg: ExperimentConfig, cohort: Cohort, out: Path, device, progress: bool) -> tuple[dict, dict]:
+def _cohort_summary(cohort: Cohort, metrics: dict) -> dict:
+    sites = {}
+    for site in sorted(set(cohort.sites.tolist())):
+        sel = cohort.sites == site
+        sites[site] = {"n": int(sel.sum()), "n_events": int(cohort.event[sel].sum())}
+    return {
+        "n_patients": len(cohort), "n_events": int(cohort.event.sum()),
+        "splits": metrics.get("n_patients", {}),
+        "sites": sites,
+        "modalities": {m: {"n_present": int(cohort.present[:, j].sum()),
+                           "n_missing": int((~cohort.present[:, j]).sum())} for j, m in enumerate(cohort.modalities)},
+    }
+
+
+def _write_model_card(out: Path, cfg: ExperimentConfig, cohort: Cohort, metrics: dict) -> None:
+    from fusion.model_card import write_model_card
+
+    card_metrics = dict(metrics.get("survival") or {})
+    card_metrics.update({k: metrics[k] for k in ("per_site", "confounder_probe_auc", "c_index", "ablation", "folds")
+                         if k in metrics})
+    card_metrics.setdefault("harrell_c", metrics.get("c_index"))
+    write_model_card(out / "model_card.md", config=cfg.model_dump(mode="json"), metrics=card_metrics,
+                     cohort_summary=_cohort_summary(cohort, metrics))
+
+
+def load_full_cohort(cfg: ExperimentConfig, *, progress: bool = False) -> Cohort:
+    """The development cohort, plus the external test cohort for ``split.scheme: external``."""
+    cohort = load_cohort(cfg, progress=progress)
+    if cfg.split.scheme == "external":
+        cohort = concat_cohorts(cohort, load_external_cohort(cfg, progress=progress))
+    return cohort
+
+
+def _mean_per_site(fold_metrics: dict) -> dict:
+    acc: dict = {}
+    for m in fold_metrics.values():
+        for site, c in m.get("c_index_per_site", {}).items():
+            if c is not None:
+                acc.setdefault(site, []).append(c)
+    return {k: round(float(np.mean(v)), 4) for k, v in sorted(acc.items())}
+
+
+def _run_loso(cfg: ExperimentConfig, cohort: Cohort, out: Path, device, progress: bool,
+              resume: bool = False) -> tuple[dict, dict]:
     sites = sorted(set(cohort.sites.tolist()))
     if len(sites) < 2:
         raise ValueError(f"leave-one-site-out needs at least two sites; the manifest has only {sites}")
@@ -181,24 +303,32 @@ def _run_loso(cfg: ExperimentConfig, cohort: Cohort, out: Path, device, progress
     unknown = sorted(set(held) - set(sites))
     if unknown:
         raise ValueError(f"split.held_out_sites {unknown} are not sites of the manifest; sites: {sites}")
+    folds = {site: site_holdout(cohort, site, val_fraction=cfg.split.val_fraction, stratify=cfg.split.stratify,
+                                seed=cfg.seed) for site in held}
+    return _run_folds(cfg, cohort, out, device, progress, folds, resume=resume)
+
+
+def _run_folds(cfg: ExperimentConfig, cohort: Cohort, out: Path, device, progress: bool, folds: dict,
+               *, resume: bool = False) -> tuple[dict, dict]:
     fold_metrics, reports = {}, {}
-    for site in held:
-        splits = site_holdout(cohort, site, val_fraction=cfg.split.val_fraction, stratify=cfg.split.stratify,
-                              seed=cfg.seed)
-        log.info("fold: held-out site %s", site)
-        fold_metrics[site], reports[site] = _run_fold(cfg, cohort, splits, out / "folds" / site, device, progress,
-                                                      ablation=cfg.evaluation.ablation)
-        atomic_write_json(out / "folds" / site / "metrics.json", fold_metrics[site])
-    metrics = _aggregate_loso(cfg, cohort, fold_metrics)
-    return metrics, reports
+    for name, splits in folds.items():
+        log.info("fold %s", name)
+        fold_metrics[name], reports[name] = _run_fold(cfg, cohort, splits, out / "folds" / name, device, progress,
+                                                      ablation=cfg.evaluation.ablation, resume=resume)
+        atomic_write_json(out / "folds" / name / "metrics.json", _jsonable(fold_metrics[name]))
+    return _aggregate_loso(cfg, cohort, fold_metrics), reports
 
 
-def _save_model(path: Path, model: torch.nn.Module, modalities: list[str], cfg: ExperimentConfig) -> None:
-    save_checkpoint(path, {
+def _save_model(path: Path, model: torch.nn.Module, modalities: list[str], cfg: ExperimentConfig, *,
+                history: list | None = None) -> None:
+    payload = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "modalities": list(modalities),
         "seed": cfg.seed,
-    })
+    }
+    if history is not None:
+        payload["history"] = history
+    save_checkpoint(path, payload)
 
 
 def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -> dict:
@@ -211,21 +341,33 @@ def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -
     # Risk groups: cut points are quantiles of the *training* patients' predicted risk.
     k = cfg.evaluation.risk_groups
     cuts = np.quantile(preds["fused"]["train"]["risk"], np.linspace(0, 1, k + 1)[1:-1])
-    rows = []
+    # Out-of-distribution flag: Mahalanobis distance of the fused embedding to the training patients'
+    # embeddings (Ledoit-Wolf covariance), threshold = 99th percentile of out-of-fold training distances.
+    from fusion.explain import MahalanobisOOD
+
+    ood = MahalanobisOOD(quantile=0.99).fit(preds["fused"]["train"]["embedding"])
+    rows, ood_rate = [], {}
     for split, idx in splits.items():
         r = preds["fused"][split]["risk"]
         grp = np.digitize(r, cuts)
-        for i, ri, gi in zip(idx, r, grp):
+        dist = ood.distance(preds["fused"][split]["embedding"])
+        flag = dist > ood.threshold_
+        ood_rate[split] = round(float(flag.mean()), 4) if len(flag) else None
+        for i, ri, gi, di, fi in zip(idx, r, grp, dist, flag):
             rows.append({"patient": cohort.pseudonyms[i], "site": cohort.sites[i], "split": split,
                          "time": float(cohort.time[i]), "event": int(cohort.event[i]), "risk": float(ri),
-                         "risk_group": int(gi)})
+                         "risk_group": int(gi), "ood_distance": round(float(di), 4), "ood_flag": bool(fi)})
     pred_df = pd.DataFrame(rows)
     pred_df.to_csv(out / "predictions.csv", index=False)
     test_groups = np.digitize(fused_test, cuts)
     _plot_km(ev, tm, test_groups, k, out / "km_risk_groups.png")
-    # Audit: can each confounder be read off the fused embedding (all patients, probe cross-validated)?
-    order = np.concatenate([splits[k_] for k_ in splits])
-    emb = np.concatenate([preds["fused"][k_]["embedding"] for k_ in splits])
+    # Audit: can each confounder be read off the fused embedding (probe cross-validated)?  Hold-out runs:
+    # every patient.  Leave-one-site-out: the training sites' patients (train + validation), since the
+    # held-out site is a category the model never saw and the test set holds that one site only.
+    all_patients = cfg.split.scheme in ("holdout", "kfold")
+    probe_splits = [k_ for k_ in splits if all_patients or k_ != "test"]
+    order = np.concatenate([splits[k_] for k_ in probe_splits])
+    emb = np.concatenate([preds["fused"][k_]["embedding"] for k_ in probe_splits])
     probe_auc, probe_r2 = {}, {}
     for c, vals in cohort.confounders.items():
         if c in cfg.adversary.continuous:
@@ -235,8 +377,25 @@ def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -
         else:
             auc = confounder_probe(emb, vals[order], seed=cfg.seed)
             probe_auc[c] = None if auc is None else round(auc, 4)
+    # Reviewer metrics (scikit-survival): Uno's C, time-dependent AUC, IBS, calibration; per-site bootstrap CIs.
+    from fusion.evaluation import per_group_table, plot_calibration, plot_td_auc, survival_metrics
+
+    tr = splits["train"]
+    surv = survival_metrics(cohort.time[tr], cohort.event[tr].astype(bool), preds["fused"]["train"]["risk"],
+                            tm, ev.astype(bool), fused_test)
+    per_site = per_group_table(cohort.sites[test], tm, ev.astype(bool), fused_test, n_boot=cfg.evaluation.n_boot,
+                               seed=cfg.seed)
+    if surv.get("calibration") and surv["calibration"].get("groups"):
+        plot_calibration(surv["calibration"], out / "calibration.png")
+    if surv.get("td_auc") and surv["td_auc"].get("auc"):
+        plot_td_auc(surv["td_auc"], out / "td_auc.png")
     return {
         "c_index": round(harrell_c(ev, tm, fused_test), 4),
+        "uno_c": surv.get("uno_c"),
+        "ibs": surv.get("ibs"),
+        "mean_td_auc": (surv.get("td_auc") or {}).get("mean_auc"),
+        "survival": surv,
+        "per_site": per_site,
         "c_index_validation": round(harrell_c(cohort.event[splits["validation"]], cohort.time[splits["validation"]],
                                               preds["fused"]["validation"]["risk"]), 4),
         "c_index_per_site": c_index_by_group(ev, tm, fused_test, cohort.sites[test]),
@@ -247,6 +406,8 @@ def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -
         "logrank_p_risk_groups": logrank_p(ev, tm, test_groups),
         "confounder_probe_auc": probe_auc,
         "confounder_probe_r2": probe_r2,
+        "ood": {"threshold": round(float(ood.threshold_), 4), "flag_rate": ood_rate},
+        "confounder_probe_patients": "all" if all_patients else "training cohort (train + validation)",
         "modalities": cohort.modalities,
         "split_scheme": cfg.split.scheme,
         "seed": cfg.seed,
@@ -307,8 +468,8 @@ def evaluate_run(run: str | Path, *, progress: bool = True) -> dict:
     cfg = load_config(run / "config.yaml")
     device = _configure_torch(cfg)
     seed_everything(cfg.seed)
-    cohort = load_cohort(cfg, progress=progress)
-    if cfg.split.scheme == "holdout":
+    cohort = load_full_cohort(cfg, progress=progress)
+    if cfg.split.scheme in ("holdout", "external"):
         metrics = _evaluate_fold(cfg, cohort, run, device)
     else:
         fold_dirs = sorted(p for p in (run / "folds").iterdir() if p.is_dir()) if (run / "folds").is_dir() else []
@@ -317,9 +478,9 @@ def evaluate_run(run: str | Path, *, progress: bool = True) -> dict:
         fold_metrics = {}
         for d in fold_dirs:
             fold_metrics[d.name] = _evaluate_fold(cfg, cohort, d, device)
-            atomic_write_json(d / "metrics.json", fold_metrics[d.name])
+            atomic_write_json(d / "metrics.json", _jsonable(fold_metrics[d.name]))
         metrics = _aggregate_loso(cfg, cohort, fold_metrics)
-    atomic_write_json(run / "metrics.json", metrics)
+    atomic_write_json(run / "metrics.json", _jsonable(metrics))
     return metrics
 
 
@@ -367,7 +528,7 @@ def load_trained_fold(fold: str | Path, *, cohort: Cohort | None = None, progres
     cfg = load_config(cfg_path)
     device = _configure_torch(cfg)
     if cohort is None:
-        cohort = load_cohort(cfg, progress=progress)
+        cohort = load_full_cohort(cfg, progress=progress)
     cohort, splits, tf, tensors = _load_fold_splits(cfg, cohort, fold)
     models = _load_models(cfg, tf, fold, device, ablation=ablation)
     return TrainedFold(cfg, cohort, splits, tf, tensors, models, device, fold)
@@ -432,6 +593,9 @@ def summary_table(metrics: dict) -> str:
     if metrics.get("split_scheme") == "loso":
         lines.append(f"leave-one-site-out: {n['folds']} folds over {n['total']} patients "
                      "(c-index above = mean over held-out sites)")
+    elif metrics.get("split_scheme") == "kfold":
+        lines.append(f"stratified {n['folds']}-fold cross-validation over {n['total']} patients "
+                     f"(c-index above = mean over folds, SD {metrics.get('c_index_sd')})")
     else:
         lines.append(f"patients: train {n['train']}, validation {n['validation']}, test {n['test']}")
     if metrics.get("confounder_probe_auc"):

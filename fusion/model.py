@@ -102,10 +102,12 @@ class FusionModel(nn.Module):
             present[m] = p
         fusion_out = self.fusion(embeddings, present)
         fused = fusion_out["embedding"]
-        risk = self.head(fused).reshape(-1)
+        # late fusion strategies combine their own per-modality risks; the others feed the shared head
+        risk = fusion_out["risk"].reshape(-1) if "risk" in fusion_out else self.head(fused).reshape(-1)
         out = {"risk": risk, "embedding": fused, "modality_embeddings": embeddings}
-        if "attention" in fusion_out:
-            out["attention"] = fusion_out["attention"]
+        for k in ("attention", "modality_risks"):
+            if k in fusion_out:
+                out[k] = fusion_out[k]
         if self.adversary is not None:
             out["confounder_logits"] = self.adversary(fused)
         if "time" in batch and "event" in batch:
@@ -123,9 +125,14 @@ class FusionModel(nn.Module):
                     out["loss_aux"] = torch.stack(aux).mean()
                     out["loss"] = out["loss"] + self.aux_loss_weight * out["loss_aux"]
             if self.adversary is not None and "confounders" in batch:
-                out["loss_adv"] = self.adversary.loss(out["confounder_logits"], batch["confounders"])
+                out["loss_adv"] = self.adversary.encoder_loss(fused, batch["confounders"])
                 out["loss"] = out["loss"] + self.adversary_weight * out["loss_adv"]
         return out
+
+
+#: ``fusion.name: early`` replaces each modality's encoder by the parameter-free extractor of its family
+#: (encoders/early.py) and fuses the concatenated raw features with one MLP (the ``concat`` strategy).
+EARLY_EXTRACTORS = {"image3d": "image_pool", "tabular": "identity", "sequence": "ehr_summary"}
 
 
 def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities: list[str], *,
@@ -137,8 +144,12 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
     count (omics, clinical, EHR variables) of the prepared data.
     """
     encoders = {}
+    early = cfg.fusion.name == "early"
     for m in sorted(modalities):
         mc = cfg.modalities[m]
+        if early:  # early fusion: fixed raw-feature extractors, one model over their concatenation
+            family = "image3d" if m in IMAGE_MODALITIES else ("sequence" if m == "ehr" else "tabular")
+            mc = mc.model_copy(update={"encoder": EARLY_EXTRACTORS[family], "out_dim": None, "encoder_kwargs": {}})
         entry = get_encoder_entry(mc.encoder)
         expected = "image3d" if m in IMAGE_MODALITIES else ("sequence" if m == "ehr" else "tabular")
         if entry.family != expected:
@@ -157,15 +168,16 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
                     kwargs.setdefault("feature_names", omics_structure["feature_names"])
             encoders[m] = create_encoder(mc.encoder, input_dims[m], mc.out_dim, **kwargs)
     fusion = create_fusion(
-        cfg.fusion.name, {m: e.out_dim for m, e in encoders.items()}, cfg.fusion.hidden, dropout=cfg.fusion.dropout,
-        **cfg.fusion.kwargs,
+        "concat" if early else cfg.fusion.name, {m: e.out_dim for m, e in encoders.items()}, cfg.fusion.hidden,
+        dropout=cfg.fusion.dropout, **cfg.fusion.kwargs,
     )
     head = nn.Linear(cfg.fusion.hidden, 1)
     adversary = None
     if cfg.adversary.enabled and confounder_kinds:
         from fusion.adversarial import ConfounderAdversary
 
-        adversary = ConfounderAdversary(cfg.fusion.hidden, confounder_kinds, hidden=cfg.adversary.hidden)
+        adversary = ConfounderAdversary(cfg.fusion.hidden, confounder_kinds, hidden=cfg.adversary.hidden,
+                                        mode=cfg.adversary.mode)
     return FusionModel(encoders, fusion, head, aux_loss_weight=cfg.fusion.aux_loss_weight,
                        modality_dropout=cfg.training.modality_dropout, adversary=adversary,
                        adversary_weight=cfg.adversary.weight)

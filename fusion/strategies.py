@@ -7,7 +7,15 @@ returns a dict with ``embedding`` ``(B, out_dim)`` and, for strategies that
 weigh modalities, ``attention`` ``(B, M)`` (columns in sorted modality order,
 0 for a missing modality, rows summing to 1).  Keys are iterated in sorted
 order.  Missing modalities are handled inside every strategy: whatever sits in
-an absent modality's embedding row never influences the output.
+an absent modality's embedding row (even NaN/inf) never influences the output
+nor receives a gradient.  A strategy that predicts on its own (``late``) also
+returns ``risk`` ``(B,)`` and ``modality_risks`` ``(B, M)``; the model then
+uses that ``risk`` instead of its head.
+
+Strategies: ``concat``, ``gated_attention``, ``tensor`` (low-rank
+multimodal fusion), ``bilinear`` (explicit Kronecker / TFN fusion of small
+gated projections), ``cross_attention``, ``late`` (mean of per-modality risk
+heads).
 """
 from __future__ import annotations
 
@@ -53,12 +61,26 @@ class _FusionBase(nn.Module):
         self.modality_to_dim = {m: int(modality_to_dim[m]) for m in self.modalities}
         self.out_dim = out_dim
 
+    def _zero_absent(self, embeddings, present) -> dict[str, torch.Tensor]:
+        """Absent rows set to exactly 0 (``torch.where``: NaN/inf there cannot leak, no gradient flows back)."""
+        missing = [m for m in self.modalities if m not in embeddings or m not in present]
+        if missing:
+            raise ValueError(f"embeddings and present must hold every modality {self.modalities}; missing {missing}")
+        out = {}
+        for m in self.modalities:
+            e = embeddings[m]
+            if e.dim() != 2 or e.shape[1] != self.modality_to_dim[m]:
+                raise ValueError(f"embeddings[{m!r}] must be (B, {self.modality_to_dim[m]}), got {tuple(e.shape)}")
+            if present[m].shape != e.shape[:1]:
+                raise ValueError(f"present[{m!r}] must be ({e.shape[0]},), got {tuple(present[m].shape)}")
+            out[m] = torch.where(present[m].bool().unsqueeze(1), e, e.new_zeros(()))
+        return out
+
     def _with_missing_tokens(self, embeddings, present, tokens: nn.ParameterDict) -> list[torch.Tensor]:
         out = []
         for m in self.modalities:
             e = embeddings[m]
-            p = present[m].to(e.dtype).unsqueeze(1)
-            out.append(p * e + (1 - p) * tokens[m].unsqueeze(0))
+            out.append(torch.where(present[m].bool().unsqueeze(1), e, tokens[m].to(e.dtype).unsqueeze(0)))
         return out
 
 
@@ -80,6 +102,8 @@ class ConcatFusion(_FusionBase):
         self.proj = nn.Sequential(nn.Linear(total, out_dim), nn.ReLU(), nn.Dropout(dropout))
 
     def forward(self, embeddings, present) -> dict:
+        embeddings = self._zero_absent(embeddings, present)
+        present = {m: present[m].bool() for m in self.modalities}
         parts = self._with_missing_tokens(embeddings, present, self.missing)
         return {"embedding": self.proj(torch.cat(parts, dim=1))}
 
@@ -107,12 +131,16 @@ class GatedAttentionFusion(_FusionBase):
         self.w = nn.Linear(attn_dim, 1)
 
     def forward(self, embeddings, present) -> dict:
+        embeddings = self._zero_absent(embeddings, present)
+        present = {m: present[m].bool() for m in self.modalities}
         h = torch.stack([self.proj[m](embeddings[m]) for m in self.modalities], dim=1)  # (B, M, D)
         mask = torch.stack([present[m] for m in self.modalities], dim=1)  # (B, M)
         scores = self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h))).squeeze(-1)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        attn = torch.softmax(scores, dim=1)
-        attn = torch.nan_to_num(attn, nan=0.0)  # a patient with no modality at all
+        # finite fill: exp(min - max) underflows to exactly 0 for absent modalities, and a patient
+        # with no modality at all gets a finite (uniform) softmax that the mask then zeroes (no NaN
+        # in the forward or backward pass)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        attn = torch.softmax(scores, dim=1) * mask
         h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
         return {"embedding": (attn.unsqueeze(-1) * h).sum(1), "attention": attn}
 
@@ -152,6 +180,8 @@ class LowRankTensorFusion(_FusionBase):
         self.post = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
 
     def forward(self, embeddings, present) -> dict:
+        embeddings = self._zero_absent(embeddings, present)
+        present = {m: present[m].bool() for m in self.modalities}
         parts = self._with_missing_tokens(embeddings, present, self.missing)
         prod = None
         for m, e in zip(self.modalities, parts):
@@ -208,6 +238,8 @@ class CrossModalAttentionFusion(_FusionBase):
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, embeddings, present) -> dict:
+        embeddings = self._zero_absent(embeddings, present)
+        present = {m: present[m].bool() for m in self.modalities}
         b = next(iter(embeddings.values())).shape[0]
         tokens = torch.stack([self.proj[m](embeddings[m]) for m in self.modalities], dim=1) + self.type_emb
         mask = torch.stack([present[m] for m in self.modalities], dim=1)  # (B, M) True = present
@@ -220,3 +252,126 @@ class CrossModalAttentionFusion(_FusionBase):
         attn = w[:, 0, 1:] * mask
         attn = attn / attn.sum(1, keepdim=True).clamp_min(1e-12)
         return {"embedding": self.norm(x[:, 0]), "attention": attn}
+
+
+@register_fusion("bilinear")
+class KroneckerFusion(_FusionBase):
+    """Full Kronecker (tensor) fusion of small, gated modality projections.
+
+    Tensor Fusion Network (Zadeh et al. 2017, EMNLP, "Tensor fusion network
+    for multimodal sentiment analysis", eq. 2-3) as used by PathomicFusion
+    (Chen et al. 2020, IEEE TMI, "Pathomic fusion", section II-C):
+
+    1. each modality ``m`` is projected to ``rank_dim`` units,
+       ``h_m = ReLU(W_m e_m + b_m)``;
+    2. optionally gated (PathomicFusion's gating-based attention):
+       ``h_m <- sigmoid(G_m [e_1; ...; e_M]) * h_m``, the gate of each
+       modality computed from all *present* modalities' embeddings (absent
+       ones enter as zeros);
+    3. a missing modality's ``h_m`` is set to exactly 0;
+    4. ``z = [h_1; 1] (x) [h_2; 1] (x) ... (x) [h_M; 1]`` (Kronecker product
+       in sorted modality order), so ``z`` holds every uni-, bi- and
+       higher-order interaction and, for a missing modality, the factor is the
+       "1-only" vector ``[0, ..., 0, 1]``: it contributes no interaction and
+       the other modalities' terms pass through unchanged;
+    5. ``embedding = Dropout(ReLU(Linear(Dropout(z))))`` of size ``out_dim``.
+
+    The product has ``(rank_dim + 1)^M`` entries: the full embeddings would
+    explode with six modalities, so ``rank_dim`` is small (default 4:
+    ``5^6 = 15625`` features for six modalities, ``125`` for three).
+    ``max_features`` bounds it.  Unlike ``tensor`` (the low-rank factorised
+    form), this keeps the outer product explicit, so its weights can be read
+    per interaction.
+    """
+
+    def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, *, dropout: float = 0.2,
+                 rank_dim: int = 4, gated: bool = True, max_features: int = 100_000) -> None:
+        super().__init__(modality_to_dim, out_dim, dropout)
+        if isinstance(rank_dim, bool) or not isinstance(rank_dim, int) or rank_dim < 1:
+            raise ValueError(f"rank_dim must be an int >= 1, got {rank_dim!r}")
+        n_feat = (rank_dim + 1) ** len(self.modalities)
+        if n_feat > max_features:
+            raise ValueError(
+                f"rank_dim={rank_dim} with {len(self.modalities)} modalities gives a Kronecker product of "
+                f"{n_feat} features (> max_features={max_features}); lower rank_dim or raise max_features"
+            )
+        self.rank_dim = rank_dim
+        self.gated = bool(gated)
+        self.n_features = n_feat
+        self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, rank_dim), nn.ReLU())
+                                   for m, d in self.modality_to_dim.items()})
+        total = sum(self.modality_to_dim.values())
+        self.gates = nn.ModuleDict({m: nn.Linear(total, rank_dim) for m in self.modalities}) if self.gated else None
+        self.drop_in = nn.Dropout(dropout)
+        self.out = nn.Sequential(nn.Linear(n_feat, out_dim), nn.ReLU(), nn.Dropout(dropout))
+
+    def forward(self, embeddings, present) -> dict:
+        embeddings = self._zero_absent(embeddings, present)
+        present = {m: present[m].bool() for m in self.modalities}
+        zero = next(iter(embeddings.values())).new_zeros(())
+        masked = {m: torch.where(present[m].unsqueeze(1), embeddings[m], zero) for m in self.modalities}
+        ctx = torch.cat([masked[m] for m in self.modalities], dim=1) if self.gated else None
+        z = None
+        for m in self.modalities:
+            h = self.proj[m](masked[m])
+            if self.gated:
+                h = torch.sigmoid(self.gates[m](ctx)) * h
+            h = torch.where(present[m].unsqueeze(1), h, zero)
+            h1 = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)  # (B, r + 1)
+            z = h1 if z is None else (z.unsqueeze(2) * h1.unsqueeze(1)).flatten(1)
+        return {"embedding": self.out(self.drop_in(z))}
+
+
+@register_fusion("late")
+class LateFusion(_FusionBase):
+    """Late fusion: one linear risk head per modality, risks averaged over present modalities.
+
+    Each modality's embedding is linearly projected to a block
+    ``u_m = A_m e_m + a_m`` of ``d_m`` units (``out_dim`` split as evenly as
+    possible over the M modalities, so ``out_dim >= M`` is required) and its
+    risk is ``r_m = w_m^T Dropout(u_m) + b_m``: a linear function of the
+    modality embedding, read from its block of the fused embedding (so an
+    adversary acting on ``embedding`` acts on what the risks are computed
+    from).  Outputs::
+
+        risk           (B,)   sum_m present_m r_m / n_present   (0 if nothing is present)
+        modality_risks (B, M) r_m, 0 for an absent modality
+        attention      (B, M) present_m / n_present (uniform over present modalities)
+        embedding      (B, out_dim) [u_1; ...; u_M] with absent blocks zeroed
+
+    Columns follow sorted modality order.  The model uses ``risk`` directly
+    instead of its own head when the fusion provides it.  Averaging the
+    per-modality predictions is the classic late-fusion rule (e.g. Kittler et
+    al. 1998, IEEE TPAMI, "On combining classifiers", the mean rule); a
+    learned combination of out-of-fold risks is :class:`fusion.stacking.CoxStacker`.
+    """
+
+    def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, *, dropout: float = 0.2) -> None:
+        super().__init__(modality_to_dim, out_dim, dropout)
+        n = len(self.modalities)
+        if out_dim < n:
+            raise ValueError(f"out_dim must be >= the number of modalities ({n}) for late fusion, got {out_dim}")
+        sizes = [out_dim // n + (1 if i < out_dim % n else 0) for i in range(n)]
+        self.block_dims = dict(zip(self.modalities, sizes))
+        self.proj = nn.ModuleDict({m: nn.Linear(d, self.block_dims[m]) for m, d in self.modality_to_dim.items()})
+        self.drop = nn.Dropout(dropout)
+        self.risk_heads = nn.ModuleDict({m: nn.Linear(self.block_dims[m], 1) for m in self.modalities})
+
+    def forward(self, embeddings, present) -> dict:
+        embeddings = self._zero_absent(embeddings, present)
+        present = {m: present[m].bool() for m in self.modalities}
+        zero = next(iter(embeddings.values())).new_zeros(())
+        mask = torch.stack([present[m] for m in self.modalities], dim=1)  # (B, M)
+        blocks, risks = [], []
+        for m in self.modalities:
+            p = present[m].unsqueeze(1)
+            u = torch.where(p, self.proj[m](torch.where(p, embeddings[m], zero)), zero)
+            r = self.risk_heads[m](self.drop(u)).squeeze(1)
+            blocks.append(u)
+            risks.append(torch.where(present[m], r, zero))
+        modality_risks = torch.stack(risks, dim=1)
+        n_present = mask.sum(1, keepdim=True).to(modality_risks.dtype)
+        attention = mask.to(modality_risks.dtype) / n_present.clamp_min(1.0)
+        risk = (attention * modality_risks).sum(1)
+        return {"embedding": torch.cat(blocks, dim=1), "risk": risk, "modality_risks": modality_risks,
+                "attention": attention}

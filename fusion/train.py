@@ -1,9 +1,21 @@
-"""Training loop with early stopping on the validation c-index.
+"""Training loop with early stopping on the validation c-index, checkpoint and resume.
 
-Kept deliberately small: full-split tensors live in memory (the demo and
-typical cohorts of a few hundred patients fit easily once volumes are
-preprocessed and cached), mini-batches are index selections, and the best
-epoch by validation Harrell's C is restored at the end.
+Full-split tensors live in memory (the demo and typical cohorts of a few
+hundred patients fit easily once volumes are preprocessed and cached),
+mini-batches are index selections, and the best epoch by validation Harrell's
+C is restored at the end.
+
+Resume: with ``state_path`` the complete training state (weights, optimiser
+moments, every random generator the loop draws from — torch, numpy, Python,
+the batch-order generator and the MONAI augmentation generators — the early
+stopping counters and the best weights so far) is written atomically after
+every epoch.  Restarting with the same arguments continues from the last
+completed epoch and, on CPU, ends with bit-identical weights and therefore
+identical metrics to an uninterrupted run.
+
+Mixed precision (``training.amp``) uses ``torch.autocast`` with bfloat16 on
+CUDA devices that support it (float16 with a gradient scaler otherwise); it is
+ignored on CPU.
 """
 from __future__ import annotations
 
@@ -18,6 +30,7 @@ from tqdm.auto import tqdm
 from fusion.adversarial import adversary_inner_steps, dann_lambda
 from fusion.config import TrainingConfig
 from fusion.data import take, to_device
+from fusion.provenance import load_checkpoint, save_checkpoint
 from fusion.metrics import harrell_c
 
 log = logging.getLogger("radfusion")
@@ -64,6 +77,63 @@ def _augment_batch(b: dict, augment: dict) -> dict:
     return b
 
 
+def _random_objects(obj, seen=None) -> list:
+    """Every MONAI ``Randomizable`` (anything with a ``RandomState`` ``R``) reachable from an augmentation."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    found = [obj] if isinstance(getattr(obj, "R", None), np.random.RandomState) else []
+    for attr in ("transform", "transforms"):
+        child = getattr(obj, attr, None)
+        if isinstance(child, (list, tuple)):
+            for c in child:
+                found += _random_objects(c, seen)
+        elif child is not None:
+            found += _random_objects(child, seen)
+    return found
+
+
+def _rng_state(rng: np.random.Generator, augment: dict | None) -> dict:
+    import random
+
+    def rs(state):  # numpy RandomState tuple -> weights_only-safe
+        return [state[0], torch.from_numpy(np.asarray(state[1], dtype=np.int64)), *state[2:]]
+
+    aug = {m: [rs(o.R.get_state()) for o in _random_objects(fn)] for m, fn in (augment or {}).items()}
+    return {"torch": torch.get_rng_state(), "numpy": rs(np.random.get_state()), "python": random.getstate(),
+            "batches": rng.bit_generator.state, "augment": aug,
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict, rng: np.random.Generator, augment: dict | None) -> None:
+    import random
+
+    def rs(s):
+        return (s[0], s[1].numpy().astype(np.uint32), *s[2:])
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(rs(state["numpy"]))
+    random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
+    rng.bit_generator.state = state["batches"]
+    for m, fn in (augment or {}).items():
+        for o, s in zip(_random_objects(fn), state["augment"].get(m, [])):
+            o.R.set_state(rs(s))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fault_injection(desc: str, epoch: int) -> None:
+    """Test hook: ``RADFUSION_KILL_AFTER="<desc>:<epoch>"`` SIGKILLs this process once that epoch's
+    training state is on disk (used to test resume after a real kill)."""
+    import os
+    import signal
+
+    spec = os.environ.get("RADFUSION_KILL_AFTER")
+    if spec and spec == f"{desc}:{epoch}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
     perm = rng.permutation(n)
     k = max(1, math.ceil(n / batch_size))
@@ -84,6 +154,8 @@ def train_model(
     lambda_max: float = 1.0,
     adversary_steps: int = 0,
     augment: dict | None = None,
+    state_path=None,
+    batch_order=None,
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Fit ``model`` on ``train``; keep the epoch with the best validation c-index.
 
@@ -93,8 +165,13 @@ def train_model(
     to ``lambda_max``, and ``adversary_steps`` adversary-only updates after
     every step (see :func:`fusion.adversarial.adversary_inner_steps`).
     ``augment`` maps an image modality to a per-volume augmentation applied to
-    training batches only (never to validation or prediction).
+    training batches only (never to validation or prediction).  ``state_path``
+    enables checkpoint and resume (see the module docstring); the caller
+    removes the file once the final checkpoint is safely written.  ``batch_order(rng) -> list of index arrays``
+    replaces the default shuffled near-equal batches (e.g. site-stratified
+    batches).
     """
+    from pathlib import Path
     seed_everything(seed)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -105,14 +182,36 @@ def train_model(
     adversary = getattr(model, "adversary", None)
     adv_opt = (torch.optim.Adam(adversary.parameters(), lr=cfg.lr)
                if adversary is not None and adversary_steps > 0 else None)
-    step = 0
+    use_amp = bool(getattr(cfg, "amp", False)) and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    step, start_epoch = 0, 0
     best_c, best_state, best_epoch, bad = -np.inf, None, -1, 0
     history: list[dict] = []
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False)
-    for epoch in bar:
+    state_path = Path(state_path) if state_path is not None else None
+    if state_path is not None and state_path.exists():
+        st = load_checkpoint(state_path)
+        if st.get("desc") != desc or st.get("seed") != seed:
+            raise ValueError(f"{state_path} belongs to another training ({st.get('desc')!r}, seed {st.get('seed')}); "
+                             "remove it or train into a fresh run folder")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        if adv_opt is not None and st.get("adv_optimizer"):
+            adv_opt.load_state_dict(st["adv_optimizer"])
+        if st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        step, start_epoch = int(st["step"]), int(st["epoch"]) + 1
+        best_c, best_epoch, bad = float(st["best_c"]), int(st["best_epoch"]), int(st["bad"])
+        best_state, history = st["best_state"], list(st["history"])
+        _set_rng_state(st["rng"], rng, augment)
+        log.info("%s: resumed after epoch %d from %s", desc, start_epoch - 1, state_path.name)
+    stopped = bad >= cfg.patience
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, disable=not progress or stopped, leave=False)
+    for epoch in ([] if stopped else bar):
         model.train()
         losses = []
-        for idx in _batches(n, cfg.batch_size, rng):
+        batches = batch_order(rng) if batch_order is not None else _batches(n, cfg.batch_size, rng)
+        for idx in batches:
             if adversary is not None:
                 adversary.lambd = lambda_max * dann_lambda(min(1.0, step / total_steps))
             step += 1
@@ -120,15 +219,17 @@ def train_model(
             if augment:
                 b = _augment_batch(b, augment)
             b = to_device(b, device)
-            out = model(b)
-            loss = out["loss"]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                out = model(b)
+            loss = out["loss"].float()
             for mod in model.modules():  # encoder regularisers, e.g. pathway_mlp_glasso's group lasso
                 pen = getattr(mod, "penalty", None)
                 if mod is not model and callable(pen):
                     loss = loss + pen()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             if adv_opt is not None and "confounders" in b:
                 with torch.no_grad():  # the updated encoders' embedding of this batch
                     z_now = model({k: v for k, v in b.items() if k not in ("time", "event")})["embedding"]
@@ -143,8 +244,18 @@ def train_model(
             best_state = copy.deepcopy(model.state_dict())
         else:
             bad += 1
-            if bad >= cfg.patience:
-                break
+        if state_path is not None:
+            save_checkpoint(state_path, {
+                "desc": desc, "seed": seed, "epoch": epoch, "step": step,
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "adv_optimizer": adv_opt.state_dict() if adv_opt is not None else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "best_c": float(best_c), "best_epoch": best_epoch, "bad": bad,
+                "best_state": best_state, "history": history, "rng": _rng_state(rng, augment),
+            })
+        _fault_injection(desc, epoch)
+        if bad >= cfg.patience:
+            break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -76,3 +76,137 @@ def test_bad_arguments_name_the_argument(kw, field):
     name = {"rank": "tensor", "num_heads": "cross_attention", "attn_dim": "gated_attention"}[field]
     with pytest.raises(ValueError, match=field):
         create_fusion(name, DIMS, 8, **kw)
+
+
+# --------------------------------------------------------------------------- #
+# Every missing pattern, for every strategy
+# --------------------------------------------------------------------------- #
+import itertools  # noqa: E402
+
+PATTERNS = list(itertools.product([False, True], repeat=3))  # (ct, ehr, omics), includes "nothing present"
+
+
+def _all_patterns(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = len(PATTERNS)
+    emb = {m: torch.randn(b, d, generator=g) for m, d in DIMS.items()}
+    pat = torch.tensor(PATTERNS)
+    present = {m: pat[:, j].clone() for j, m in enumerate(sorted(DIMS))}
+    return emb, present
+
+
+@pytest.mark.parametrize("name", list_fusions())
+def test_every_missing_pattern_ignores_absent_rows_even_nan(name):
+    torch.manual_seed(0)
+    f = create_fusion(name, DIMS, 9 if name != "cross_attention" else 8).eval()
+    emb, present = _all_patterns()
+    out = f(emb, present)
+    poisoned = {m: torch.where(present[m].unsqueeze(1), e, torch.full_like(e, float("nan"))) for m, e in emb.items()}
+    out2 = f(poisoned, present)
+    for key, val in out.items():
+        assert torch.isfinite(val).all(), key
+        torch.testing.assert_close(out2[key], val, msg=key)
+    # a patient's output equals what it gets alone (no batch mixing), for every pattern
+    for i in range(len(PATTERNS)):
+        one = f({m: e[i:i + 1] for m, e in emb.items()}, {m: p[i:i + 1] for m, p in present.items()})
+        torch.testing.assert_close(one["embedding"], out["embedding"][i:i + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_fusions())
+def test_every_missing_pattern_gradients_are_finite_and_skip_absent_rows(name):
+    torch.manual_seed(0)
+    f = create_fusion(name, DIMS, 8).train()
+    emb, present = _all_patterns(seed=1)
+    emb = {m: torch.where(present[m].unsqueeze(1), e, torch.full_like(e, float("nan"))).requires_grad_()
+           for m, e in emb.items()}
+    out = f(emb, present)
+    loss = out["embedding"].sum() + (out["risk"].sum() if "risk" in out else 0)
+    loss.backward()
+    for p in f.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in f.parameters())
+    for m, e in emb.items():
+        assert torch.isfinite(e.grad).all()
+        assert (e.grad[~present[m]] == 0).all()
+
+
+# --------------------------------------------------------------------------- #
+# bilinear (explicit Kronecker)
+# --------------------------------------------------------------------------- #
+def test_bilinear_equals_explicit_kronecker_product_and_missing_is_the_one_only_vector():
+    torch.manual_seed(0)
+    dims = {"a": 3, "b": 2}
+    f = create_fusion("bilinear", dims, 5, dropout=0.0, rank_dim=2, gated=False).eval()
+    emb = {"a": torch.randn(3, 3), "b": torch.randn(3, 2)}
+    present = {"a": torch.tensor([True, True, False]), "b": torch.tensor([True, False, True])}
+    got = f(emb, present)["embedding"]
+    rows = []
+    for i in range(3):
+        ha = f.proj["a"](emb["a"][i]) if present["a"][i] else torch.zeros(2)
+        hb = f.proj["b"](emb["b"][i]) if present["b"][i] else torch.zeros(2)
+        z = torch.kron(torch.cat([ha, torch.ones(1)]), torch.cat([hb, torch.ones(1)]))  # (9,)
+        rows.append(torch.relu(f.out[0](z)))
+    torch.testing.assert_close(got, torch.stack(rows))
+    assert f.n_features == 9
+
+
+def test_bilinear_six_modalities_default_size_and_gate():
+    dims = {f"m{i}": 4 for i in range(6)}
+    f = create_fusion("bilinear", dims, 8).eval()
+    assert f.n_features == 5 ** 6
+    emb = {m: torch.randn(2, 4) for m in dims}
+    present = {m: torch.tensor([True, i % 2 == 0]) for i, m in enumerate(dims)}
+    assert f(emb, present)["embedding"].shape == (2, 8)
+
+
+# --------------------------------------------------------------------------- #
+# late
+# --------------------------------------------------------------------------- #
+def test_late_risk_is_the_mean_of_present_modality_heads():
+    torch.manual_seed(0)
+    f = create_fusion("late", DIMS, 8, dropout=0.0).eval()
+    emb, present = _all_patterns(seed=2)
+    out = f(emb, present)
+    mods = sorted(DIMS)
+    assert [f.block_dims[m] for m in mods] == [3, 3, 2]
+    for i, pat in enumerate(PATTERNS):
+        rs = [f.risk_heads[m](f.proj[m](emb[m][i])).item() for m, p in zip(mods, pat) if p]
+        expected = sum(rs) / len(rs) if rs else 0.0
+        assert out["risk"][i].item() == pytest.approx(expected, abs=1e-6)
+        for j, (m, p) in enumerate(zip(mods, pat)):
+            r = f.risk_heads[m](f.proj[m](emb[m][i])).item() if p else 0.0
+            assert out["modality_risks"][i, j].item() == pytest.approx(r, abs=1e-6)
+            assert out["attention"][i, j].item() == pytest.approx(1 / len(rs) if p else 0.0)
+    # embedding: projected blocks in sorted order, absent blocks zero
+    blocks = torch.split(out["embedding"], [3, 3, 2], dim=1)
+    for m, blk in zip(mods, blocks):
+        torch.testing.assert_close(blk[present[m]], f.proj[m](emb[m][present[m]]))
+        assert (blk[~present[m]] == 0).all()
+
+
+@pytest.mark.parametrize("name, kw, field", [
+    ("bilinear", {"rank_dim": 0}, "rank_dim"),
+    ("bilinear", {"rank_dim": 9, "max_features": 500}, "max_features"),
+    ("late", {}, "out_dim"),
+])
+def test_new_strategies_bad_arguments(name, kw, field):
+    with pytest.raises(ValueError, match=field):
+        create_fusion(name, DIMS, 2 if name == "late" else 8, **kw)
+
+
+def test_forward_bad_input_names_the_modality():
+    f = create_fusion("concat", DIMS, 8)
+    emb, present = _inputs()
+    with pytest.raises(ValueError, match="ehr"):
+        f({m: e for m, e in emb.items() if m != "ehr"}, present)
+    with pytest.raises(ValueError, match="embeddings\\['ct'\\]"):
+        f({**emb, "ct": torch.zeros(5, 2)}, present)
+    with pytest.raises(ValueError, match="present\\['ct'\\]"):
+        f(emb, {**present, "ct": torch.ones(4, dtype=torch.bool)})
+
+
+def test_unknown_strategy_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        create_fusion("kronecker9", DIMS, 8)
+    for n in ["bilinear", "concat", "cross_attention", "gated_attention", "late", "tensor"]:
+        assert n in list_fusions() and n in str(e.value)
