@@ -15,7 +15,7 @@ Every patient has independent standard-normal latent factors ``tumour``,
 and ``frailty`` (prognostic, measured by no modality).  The linear predictor is
 
 .. math:: \\eta = \\sum_f \\beta_f z_f, \\qquad
-          \\beta = (1.0, 0.9, 0.7, 0.9, 0.9, 0.4, 0.8)
+          \\beta = (1.0, 0.9, 0.7, 0.9, 0.9, 0.4, 1.0)
 
 (:data:`COEFFICIENTS`; age enters as ``(age - 63) / 10``); adding the site's
 baseline log-hazard (:data:`SITE_LOG_HAZARD`) gives the log-hazard, and survival
@@ -42,7 +42,8 @@ one modality only, so the modalities are complementary:
 Site confounding is planted as well: a CT reconstruction kernel (``scanner``
 column, SHARP or SMOOTH) that tracks the outcome at the training sites and is reversed
 at the held-out site,
-per-site MR intensity scales and per-site expression batch effects.
+per-site baseline hazards, per-site PET calibration, MR intensity scales and
+expression batch effects.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ COEFFICIENTS: dict[str, float] = {
     "immune": 0.9,
     "inflammation": 0.9,
     "age": 0.4,
-    "frailty": 0.8,
+    "frailty": 1.0,
 }
 #: Latent factors drawn per patient (``age`` is the standardised age).
 FACTORS: tuple[str, ...] = (
@@ -99,11 +100,14 @@ DROPOUT_PROBABILITY = 0.10
 #: reversed, P(SHARP) = sigmoid(-SHORTCUT_STRENGTH * frailty).  The protocol is visible in
 #: the CT, so a model can learn it as a proxy of frailty: a shortcut that fails at the
 #: held-out site and that removing scanner information costs nothing real.
-SHORTCUT_STRENGTH = 2.5
+SHORTCUT_STRENGTH = 3.0
 #: Site baseline log-hazard (case mix / standard of care), cycled over sites.  Constant
 #: within a site, so it does not change any within-site ranking, but it makes the site
 #: worth recognising for a model pooled over sites.
 SITE_LOG_HAZARD = (0.5, -0.5, 0.25, -0.25, 0.0)
+#: PET cross-calibration factor of each site's scanner (measured SUV / true SUV), cycled
+#: over sites: a site signature in every PET (the body background reads 0.8-1.25).
+SITE_PET_CALIBRATION = (1.0, 0.8, 1.25, 0.9, 1.1)
 CT_NOISE_SD_HU = {"SHARP": 45.0, "SMOOTH": 12.0}
 #: Calibration offset of the SHARP-protocol scanner (HU added everywhere inside the body):
 #: survives resampling to a coarse grid, so a CNN can read the protocol from mean intensity.
@@ -735,7 +739,7 @@ def _write_patient(spec: dict[str, Any]) -> dict[str, Any]:
         rng = np.random.default_rng(pet_ss)
         suv, stats = _render_pet(spec, rng)
         result["pet"] = stats
-        activity = suv * spec["pet"]["bqml_per_suv"]
+        activity = suv * spec["pet"]["bqml_per_suv"] * spec["pet"]["calibration"]
         slopes: list[str] = []
         stored_slices = np.empty(activity.shape, dtype="<u2")
         for k in range(activity.shape[0]):
@@ -781,6 +785,7 @@ def _site_params(n_sites: int, rng: np.random.Generator) -> list[dict[str, Any]]
             "mr_vendor": _MR_VENDORS[k % len(_MR_VENDORS)],
             "mri_scale": float(rng.uniform(*MR_SITE_SCALE_RANGE)),
             "log_hazard": SITE_LOG_HAZARD[k % len(SITE_LOG_HAZARD)],
+            "pet_calibration": SITE_PET_CALIBRATION[k % len(SITE_PET_CALIBRATION)],
             "library_factor": float(rng.lognormal(0.0, 0.3)),
         })
     return sites
@@ -925,6 +930,7 @@ def _plan_patient(
         "injection_time_s": injection,
         "uptake_s": uptake,
         "bqml_per_suv": decayed / (weight * 1000.0),
+        "calibration": site["pet_calibration"],
         "suv_planted": 3.0 + 4.0 * float(_sigmoid(1.5 * factors["metabolic"])),
     }
     mri = {
@@ -1249,6 +1255,7 @@ def make_demo_cohort(
         if "pet" in by_id[pid]:
             entry["pet"] = {k: (round(v, 6) if isinstance(v, float) else v)
                             for k, v in by_id[pid]["pet"].items()}
+            entry["pet"]["site_calibration"] = p["pet"]["calibration"]  # measured SUV = calibration x true SUV
         if pid in ehr_info:
             entry["ehr"] = {k: (round(v, 6) if isinstance(v, float) else v)
                             for k, v in ehr_info[pid].items()}
@@ -1319,6 +1326,7 @@ def make_demo_cohort(
         "site_effects": {
             s["site"]: {"institution": s["institution"], "mri_intensity_scale": round(s["mri_scale"], 4),
                         "baseline_log_hazard": s["log_hazard"],
+                        "pet_calibration": s["pet_calibration"],
                         "expression_library_factor": round(s["library_factor"], 6)}
             for s in site_list
         },

@@ -34,11 +34,127 @@ class DataConfig(_Strict):
     cache_dir: Optional[str] = Field(None, description="preprocessed-volume cache; default <manifest dir>/.radfusion_cache")
 
 
+class MultitaskConfig(_Strict):
+    """An auxiliary classification label trained jointly with the survival head.
+
+    The auxiliary label gets its own linear head on the fused embedding; the
+    survival loss and the auxiliary classification loss are combined with
+    homoscedastic uncertainty weighting (Kendall, Gal & Cipolla 2018,
+    :class:`fusion.losses.UncertaintyWeighting`): ``sum_i exp(-s_i) L_i + s_i``
+    with learnable ``s_i``.  Empty cells of the auxiliary column are allowed
+    (those patients only contribute to the survival loss).
+    """
+
+    aux_label: str = Field(..., description="manifest column holding the auxiliary class label")
+    classes: Optional[list[str]] = Field(None, description="class order (default: sorted labels of the training fold)")
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = Field(2.0, ge=0.0)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v):
+        return _check_classes(v, "task.multitask.classes")
+
+
+def _check_classes(v, where: str):
+    if v is None:
+        return v
+    v = [str(c).strip() for c in v]
+    if len(v) < 2:
+        raise ValueError(f"{where} needs at least two classes, got {v}")
+    dup = sorted({c for c in v if v.count(c) > 1})
+    if dup:
+        raise ValueError(f"{where} lists {dup} more than once")
+    if any(c == "" for c in v):
+        raise ValueError(f"{where} holds an empty class name")
+    return v
+
+
+SURVIVAL_LOSSES = ("cox", "discrete_time")
+CLASSIFICATION_LOSSES = ("ce", "focal")
+
+
 class TaskConfig(_Strict):
+    """What is predicted, and with which loss.
+
+    * ``kind: survival`` (manifest columns ``time`` + ``event``): ``loss: cox``
+      (partial likelihood, ``ties: efron | breslow``; one risk per patient) or
+      ``loss: discrete_time`` (``n_intervals`` hazard logits over intervals cut
+      at training-fold event-time quantiles; the risk is the cumulative hazard
+      at the last cut).  ``multitask`` adds an auxiliary classification label.
+    * ``kind: classification`` (manifest column ``label``): ``loss: ce | focal``
+      (``focal_gamma``), optional ``class_weights`` (one per class, in the
+      order of ``classes``).  ``classes`` fixes the class order (default: the
+      sorted labels of the training fold); with two classes the second one is
+      the positive class.
+    """
+
     kind: Literal["survival", "classification"] = "survival"
     time: str = "time"
     event: str = "event"
     label: str = "label"
+    loss: Optional[Literal["cox", "discrete_time", "ce", "focal"]] = Field(
+        None, description="survival: cox (default) | discrete_time; classification: ce (default) | focal")
+    ties: Literal["efron", "breslow"] = Field("efron", description="Cox partial likelihood ties (loss cox)")
+    n_intervals: int = Field(10, ge=1, description="discrete-time intervals (loss discrete_time)")
+    classes: Optional[list[str]] = Field(None, description="class order (default: sorted training labels)")
+    focal_gamma: float = Field(2.0, ge=0.0, description="focal loss exponent (loss focal)")
+    class_weights: Optional[list[float]] = Field(None, description="per-class loss weights, in class order")
+    multitask: Optional[MultitaskConfig] = Field(None, description="survival only: an auxiliary label head")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v):
+        return _check_classes(v, "task.classes")
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        # Checked by value against the defaults (not by "was it written"), so a resolved config.yaml written
+        # into a run folder, which spells out every field, validates again.
+        defaults = {f: type(self).model_fields[f].default for f in ("focal_gamma", "n_intervals", "ties")}
+        changed = {f for f, d in defaults.items() if getattr(self, f) != d}
+        if self.kind == "survival":
+            if self.loss is None:
+                self.loss = "cox"
+            if self.loss not in SURVIVAL_LOSSES:
+                raise ValueError(f"task.loss '{self.loss}' is a classification loss; task.kind 'survival' takes "
+                                 f"task.loss {' or '.join(SURVIVAL_LOSSES)}")
+            misplaced = [f for f in ("classes", "class_weights") if getattr(self, f) is not None]
+            misplaced += ["focal_gamma"] if "focal_gamma" in changed else []
+            for f in misplaced:
+                raise ValueError(f"task.{f} applies to task.kind 'classification' only (this task is "
+                                     "survival; an auxiliary label goes under task.multitask)")
+            if "n_intervals" in changed and self.loss != "discrete_time":
+                raise ValueError(f"task.n_intervals applies to task.loss 'discrete_time' only, not '{self.loss}'")
+            if "ties" in changed and self.loss != "cox":
+                raise ValueError(f"task.ties applies to task.loss 'cox' only, not '{self.loss}'")
+        else:
+            if self.loss is None:
+                self.loss = "ce"
+            if self.loss not in CLASSIFICATION_LOSSES:
+                raise ValueError(f"task.loss '{self.loss}' is a survival loss; task.kind 'classification' takes "
+                                 f"task.loss {' or '.join(CLASSIFICATION_LOSSES)}")
+            for f in ("n_intervals", "ties"):
+                if f in changed:
+                    raise ValueError(f"task.{f} applies to task.kind 'survival' only")
+            if self.multitask is not None:
+                raise ValueError("task.multitask adds an auxiliary label to a survival task; with task.kind "
+                                 "'classification' there is nothing to add it to")
+            if "focal_gamma" in changed and self.loss != "focal":
+                raise ValueError(f"task.focal_gamma applies to task.loss 'focal' only, not '{self.loss}'")
+            if self.class_weights is not None:
+                w = self.class_weights
+                if any(not x >= 0 for x in w) or not sum(w) > 0:
+                    raise ValueError(f"task.class_weights must be >= 0 with a positive sum, got {w}")
+                if self.classes is not None and len(w) != len(self.classes):
+                    raise ValueError(f"task.class_weights has {len(w)} values but task.classes lists "
+                                     f"{len(self.classes)} classes; give one weight per class")
+        return self
+
+    @property
+    def head(self) -> str:
+        """``cox``, ``discrete_time`` or ``classification``: which head and loss the model gets."""
+        return "classification" if self.kind == "classification" else str(self.loss)
 
 
 class ImagePreprocessing(_Strict):
@@ -135,10 +251,13 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    patience: int = Field(10, ge=1, description="early stopping on validation c-index")
+    patience: int = Field(10, ge=1, description="early stopping on the validation c-index (survival) or ROC AUC "
+                                                "(classification)")
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability of hiding a modality in training")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: Optional[int] = Field(None, ge=1)
+    parameter_sharing: float = Field(0.0, ge=0.0, description="weight of the soft parameter-sharing penalty "
+                                     "between the image encoders (squared distance to their mean, per parameter)")
     amp: bool = Field(False, description="mixed precision on CUDA (bfloat16, else float16 + scaler); ignored on CPU")
     sampling: Literal["random", "site_stratified"] = Field(
         "random", description="batch composition: shuffled, or every batch with the training sites' proportions")
@@ -222,8 +341,14 @@ class ExperimentConfig(_Strict):
                              "split.scheme 'external'")
         if self.adversary.enabled and self.adversary.mode == "confusion" and self.adversary.steps < 1:
             raise ValueError("adversary.mode 'confusion' trains the adversary in its own steps: set adversary.steps >= 1")
-        if self.task.kind != "survival":
-            raise ValueError("task.kind 'classification' is not available yet; use 'survival'")
+        if self.task.head != "cox" and self.fusion.name in ("late", "late_stacking"):
+            raise ValueError(f"fusion.name '{self.fusion.name}' combines one risk per modality and supports only "
+                             f"the Cox survival task for now (task.kind survival, task.loss cox); this task is "
+                             f"{self.task.kind} with task.loss '{self.task.loss}'")
+        mt = self.task.multitask
+        if mt is not None and mt.aux_label in (self.task.time, self.task.event, "patient_id", "site"):
+            raise ValueError(f"task.multitask.aux_label '{mt.aux_label}' is an outcome or identifier column; "
+                             "name a label column of the manifest")
         return self
 
     # ------------------------------------------------------------------ paths

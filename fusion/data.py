@@ -34,7 +34,14 @@ log = logging.getLogger("radfusion")
 
 @dataclass
 class Cohort:
-    """Everything read from disk, one row per manifest patient (internal IDs never leave)."""
+    """Everything read from disk, one row per manifest patient (internal IDs never leave).
+
+    ``time`` / ``event`` hold the survival outcome; a classification cohort
+    (``task_kind == "classification"``) has no survival outcome and carries
+    ``time = NaN`` and ``event = False``.  ``labels`` (str, ``""`` where a
+    cell is empty) is the class label of a classification task, or the
+    auxiliary label of ``task.multitask``; ``None`` otherwise.
+    """
 
     patient_ids: list[str]
     pseudonyms: list[str]
@@ -53,6 +60,8 @@ class Cohort:
     clinical_table: pd.DataFrame | None = None
     uid_hashes: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    labels: np.ndarray | None = None  # str (N,): class label (classification) or auxiliary label (multitask)
+    task_kind: str = "survival"
 
     def __len__(self) -> int:
         return len(self.patient_ids)
@@ -112,17 +121,20 @@ def load_cohort(cfg: ExperimentConfig, *, progress: bool = True, workers: int = 
     pids = manifest["patient_id"].tolist()
     n = len(pids)
     present = np.zeros((n, len(mods)), dtype=bool)
+    survival = cfg.task.kind == "survival"
     cohort = Cohort(
         patient_ids=pids,
         pseudonyms=[pseudonymise(p) for p in pids],
         sites=manifest["site"].to_numpy(dtype=str),
-        time=manifest[cfg.task.time].to_numpy(dtype=np.float32),
-        event=manifest[cfg.task.event].to_numpy(dtype=bool),
+        time=manifest[cfg.task.time].to_numpy(dtype=np.float32) if survival else np.full(n, np.nan, np.float32),
+        event=manifest[cfg.task.event].to_numpy(dtype=bool) if survival else np.zeros(n, dtype=bool),
         confounders={c: manifest[c].to_numpy() for c in dict.fromkeys(["site", *d.confounders])},
         modalities=mods,
         present=present,
+        task_kind=cfg.task.kind,
     )
     report: dict = {"n_patients_manifest": n, "missing_modality": {}}
+    cohort.labels = _read_labels(cfg, manifest, report)
     cache_root = Path(d.cache_dir) if d.cache_dir else Path(d.manifest).parent / ".radfusion_cache"
     uid_hashes: dict[str, dict[str, dict[str, str]]] = {ps: {} for ps in cohort.pseudonyms}
     for j, m in enumerate(mods):
@@ -199,8 +211,62 @@ def load_cohort(cfg: ExperimentConfig, *, progress: bool = True, workers: int = 
     return cohort
 
 
+def _read_labels(cfg: ExperimentConfig, manifest: pd.DataFrame, report: dict) -> np.ndarray | None:
+    """Class labels (classification) or auxiliary labels (``task.multitask``) as stripped strings.
+
+    A label outside an explicit ``classes`` list is an error naming the file,
+    row, patient and column.  Empty auxiliary labels are allowed (counted in
+    the report); empty classification labels were already refused by
+    :func:`~data_adapters.manifest.load_manifest`.
+    """
+    from data_adapters.manifest import check_columns_referenced
+
+    mt = cfg.task.multitask
+    if cfg.task.kind == "classification":
+        col, classes, where = cfg.task.label, cfg.task.classes, "task.classes"
+    elif mt is not None:
+        col, classes, where = mt.aux_label, mt.classes, "task.multitask.classes"
+        check_columns_referenced(manifest, [col], file=cfg.data.manifest, what="task.multitask.aux_label")
+    else:
+        return None
+    raw = manifest[col]
+    labels = np.array(["" if pd.isna(v) else str(v).strip() for v in raw], dtype=object).astype(str)
+    if classes is not None:
+        allowed = set(classes)
+        for i, lab in enumerate(labels):
+            if lab != "" and lab not in allowed:
+                raise InputError(f"label {lab!r} is not one of {where} {list(classes)}", file=cfg.data.manifest,
+                                 row=int(manifest["manifest_row"].iloc[i]), patient=manifest["patient_id"].iloc[i],
+                                 field=col)
+    if mt is not None and cfg.task.kind == "survival":
+        report["n_missing_aux_label"] = int((labels == "").sum())
+    return labels
+
+
+def _fit_classes(labels: np.ndarray, train_idx: np.ndarray, classes, *, where: str, file) -> list[str]:
+    """The class list: ``classes`` from the config, else the sorted labels of the training patients."""
+    seen = sorted({str(v) for v in labels[train_idx]} - {""})
+    if classes is None:
+        if len(seen) < 2:
+            raise InputError(f"the training patients have {len(seen)} distinct label(s) {seen}; a classifier needs "
+                             "at least two classes", file=file)
+        return seen
+    absent = [c for c in classes if c not in seen]
+    if absent:
+        raise InputError(f"{where} lists {absent}, but no training patient has that label (training labels: "
+                         f"{seen}); remove it from {where} or check the label column", file=file)
+    return list(classes)
+
+
 class FoldTransforms:
-    """Everything estimated from data, fitted on training patients only."""
+    """Everything estimated from data, fitted on training patients only.
+
+    ``task_meta_`` holds what the task head needs from the training fold:
+    ``cuts`` (discrete-time survival interval boundaries, from the training
+    patients' event times), ``classes`` (classification) or ``aux_classes``
+    (``task.multitask``).  It is stored in every checkpoint so a saved model
+    can be rebuilt (:func:`fusion.model.build_model`).
+    """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -232,10 +298,31 @@ class FoldTransforms:
             self.omics_structure_ = {"gene_sets": self.omics_scorer_.gene_sets_, "feature_names": list(raw.columns)}
         return raw.reindex(cohort.patient_ids)
 
+    def _fit_task(self, cohort: Cohort, train_idx: np.ndarray) -> dict:
+        task, meta = self.cfg.task, {}
+        if task.kind == "classification":
+            meta["classes"] = _fit_classes(cohort.labels, train_idx, task.classes, where="task.classes",
+                                           file=self.cfg.data.manifest)
+            if task.class_weights is not None and len(task.class_weights) != len(meta["classes"]):
+                raise InputError(f"task.class_weights has {len(task.class_weights)} values but the training fold "
+                                 f"has {len(meta['classes'])} classes {meta['classes']}; give one weight per class "
+                                 "(and set task.classes to fix their order)", file=self.cfg.data.manifest)
+            return meta
+        if task.loss == "discrete_time":
+            from fusion.losses import make_time_cuts
+
+            meta["cuts"] = [float(c) for c in make_time_cuts(cohort.time[train_idx], cohort.event[train_idx],
+                                                             task.n_intervals)]
+        if task.multitask is not None:
+            meta["aux_classes"] = _fit_classes(cohort.labels, train_idx, task.multitask.classes,
+                                               where="task.multitask.classes", file=self.cfg.data.manifest)
+        return meta
+
     def fit(self, cohort: Cohort, train_idx: Sequence[int]) -> "FoldTransforms":
         train_idx = np.asarray(train_idx)
         tr_ids = [cohort.patient_ids[i] for i in train_idx]
         mods = cohort.modalities
+        self.task_meta_ = self._fit_task(cohort, train_idx)
         self.input_dims_: dict[str, int] = {}
         for m in mods:
             if m in IMAGE_MODALITIES:
@@ -298,11 +385,16 @@ def make_tensors(cohort: Cohort, idx: Sequence[int], tf: FoldTransforms) -> dict
     out: dict = {
         "modalities": list(cohort.modalities),
         "present": torch.from_numpy(cohort.present[idx].copy()),
-        "time": torch.from_numpy(cohort.time[idx].astype(np.float32)),
-        "event": torch.from_numpy(cohort.event[idx].copy()),
         "patient_id": [cohort.pseudonyms[i] for i in idx],
         "report": {},
     }
+    if cohort.task_kind == "survival":
+        out["time"] = torch.from_numpy(cohort.time[idx].astype(np.float32))
+        out["event"] = torch.from_numpy(cohort.event[idx].copy())
+    classes = tf.task_meta_.get("classes", tf.task_meta_.get("aux_classes"))
+    if classes is not None and cohort.labels is not None:
+        pos = {c: i for i, c in enumerate(classes)}  # empty or unseen label -> -1 (ignored by the loss)
+        out["label"] = torch.tensor([pos.get(str(v), -1) for v in cohort.labels[idx]], dtype=torch.long)
     if tf.confounder_kinds_:
         conf = {}
         for c, kind in tf.confounder_kinds_.items():
@@ -404,6 +496,8 @@ def concat_cohorts(a: Cohort, b: Cohort, *, b_name: str = "external") -> Cohort:
         omics_gene_sets=a.omics_gene_sets,
         uid_hashes={**a.uid_hashes, **b.uid_hashes},
         report={"development": a.report, b_name: b.report},
+        labels=None if a.labels is None else np.concatenate([a.labels, b.labels]),
+        task_kind=a.task_kind,
     )
     if a.omics_raw is not None:
         out.omics_raw = pd.concat([a.omics_raw, b.omics_raw.reindex(columns=a.omics_raw.columns)])
@@ -477,17 +571,27 @@ def stratified_holdout(cohort: Cohort, *, test_fraction: float, val_fraction: fl
 
 
 def _strata(cohort: Cohort, stratify: Sequence[str]) -> np.ndarray:
-    """One stratum label per patient from ``site``, ``event`` and confounder columns."""
+    """One stratum label per patient from ``site``, ``event``, ``label`` and confounder columns.
+
+    ``label`` is the class label (classification) or the auxiliary label
+    (``task.multitask``).  A classification cohort has no event, so ``event``
+    (in the default ``[site, event]``) stratifies by the class label there:
+    both mean "stratify by the outcome".
+    """
     keys = []
     for s in stratify:
         if s == "site":
             keys.append(cohort.sites.astype(str))
+        elif s == "label" or (s == "event" and cohort.task_kind == "classification"):
+            if cohort.labels is None:
+                raise ValueError("split.stratify: 'label' needs task.kind 'classification' or task.multitask")
+            keys.append(np.asarray(cohort.labels).astype(str))
         elif s == "event":
             keys.append(cohort.event.astype(int).astype(str))
         elif s in cohort.confounders:
             keys.append(cohort.confounders[s].astype(str))
         else:
-            raise ValueError(f"split.stratify: unknown column {s!r}; use 'site', 'event' or a confounder")
+            raise ValueError(f"split.stratify: unknown column {s!r}; use 'site', 'event', 'label' or a confounder")
     return np.array(["|".join(t) for t in zip(*keys)]) if keys else np.zeros(len(cohort), dtype=str)
 
 

@@ -9,8 +9,11 @@ Run folder layout::
     ablation/<m>/checkpoint.pt   single-modality models trained by the same code
     history.json           per-epoch loss and validation c-index of every model
     metrics.json           c_index, c_index_per_site, ablation, n_patients, ...
+                           (classification: auc, auc_per_site, ablation = test AUC, classification)
     predictions.csv        pseudonym, site, split, time, event, risk, risk_group
-    km_risk_groups.png     Kaplan-Meier curves of predicted risk groups (test patients)
+                           (classification: label, predicted, proba_<class> instead of time ... risk_group)
+    km_risk_groups.png     Kaplan-Meier curves of predicted risk groups (test patients; survival only)
+    calibration.png, decision_curve.png   classification: reliability diagram, net benefit (two classes)
     report.json            counts of everything excluded, missing or imputed
     log.txt                the run's log (pseudonyms and counts only)
 """
@@ -67,7 +70,8 @@ def _train_or_resume(cfg, modalities, tf, tensors, device, progress, desc, seed,
         ck = load_checkpoint(ck_path)
         if "history" in ck:
             model = build_model(cfg, tf.input_dims_, ck["modalities"], confounder_kinds=tf.confounder_kinds_,
-                                omics_structure=getattr(tf, "omics_structure_", None))
+                                omics_structure=getattr(tf, "omics_structure_", None),
+                                task_meta=ck.get("task_meta") or tf.task_meta_)
             model.load_state_dict(ck["state_dict"])
             log.info("%s: finished checkpoint found, not retrained", desc)
             return model.to(device).eval(), ck["history"]
@@ -84,7 +88,7 @@ def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed,
                      train_sites=None):
     seed_everything(seed)  # initial weights depend only on the seed, not on what ran before
     model = build_model(cfg, tf.input_dims_, modalities, confounder_kinds=tf.confounder_kinds_,
-                        omics_structure=getattr(tf, "omics_structure_", None))
+                        omics_structure=getattr(tf, "omics_structure_", None), task_meta=tf.task_meta_)
     if "ehr" in modalities and hasattr(model.encoders["ehr"], "set_empirical_mean"):
         model.encoders["ehr"].set_empirical_mean(torch.as_tensor(tf.ehr_.empirical_mean_, dtype=torch.float32))
     augment = {}
@@ -135,6 +139,11 @@ def _run_fold(cfg: ExperimentConfig, cohort: Cohort, splits: dict, out: Path, de
     _write_splits(out / "splits.csv", cohort, splits)
     histories: dict = {}
     train_sites = cohort.sites[splits["train"]]
+    if cfg.fusion.name == "late_stacking":
+        models = _train_stacked(cfg, cohort, splits, tf, tensors, device, progress, out, histories, resume=resume)
+        atomic_write_json(out / "history.json", histories)
+        metrics = _evaluate(cfg, cohort, splits, tensors, models, device, out)
+        return metrics, {k: v.get("report", {}) for k, v in tensors.items()}
     model, histories["fused"] = _train_or_resume(cfg, cohort.modalities, tf, tensors, device, progress, "fused",
                                                  cfg.seed, out / "checkpoint.pt", resume=resume,
                                                  train_sites=train_sites)
@@ -147,6 +156,60 @@ def _run_fold(cfg: ExperimentConfig, cohort: Cohort, splits: dict, out: Path, de
     atomic_write_json(out / "history.json", histories)
     metrics = _evaluate(cfg, cohort, splits, tensors, models, device, out)
     return metrics, {k: v.get("report", {}) for k, v in tensors.items()}
+
+
+def _single_modality_cfg(cfg: ExperimentConfig) -> ExperimentConfig:
+    return cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"name": "concat", "kwargs": {}})})
+
+
+def _train_stacked(cfg, cohort, splits, tf, tensors, device, progress, out: Path, histories: dict, *,
+                   resume: bool) -> dict:
+    """Late fusion by stacking (``fusion.name: late_stacking``).
+
+    1. One single-modality model per modality on the whole training split
+       (these are also the ablation models, ``ablation/<m>/``).
+    2. Out-of-fold training predictions: ``fusion.kwargs.inner_folds``
+       (default 3) stratified folds of the training split; per fold and
+       modality a model trained on the other folds (early stopping on the
+       same validation split) predicts the held-out fold.
+    3. A penalised Cox model (:class:`fusion.stacking.CoxStacker`,
+       ``fusion.kwargs.penalizer``, default 0.1) on the out-of-fold risks
+       (missing modality = NaN, with indicators) gives the weights;
+       ``checkpoint.pt`` holds the stacked model (step-1 models + weights).
+    """
+    from fusion.data import take
+    from fusion.stacking import CoxStacker, StackedLateFusion, oof_folds
+
+    scfg = _single_modality_cfg(cfg)
+    k = int(cfg.fusion.kwargs.get("inner_folds", 3))
+    penalizer = float(cfg.fusion.kwargs.get("penalizer", 0.1))
+    train = tensors["train"]
+    n = train["time"].shape[0]
+    present = train["present"].numpy()
+    names = list(train["modalities"])
+    singles = {}
+    for m in cohort.modalities:
+        singles[m], histories[m] = _train_or_resume(scfg, [m], tf, tensors, device, progress, f"only {m}", cfg.seed,
+                                                    out / "ablation" / m / "checkpoint.pt", resume=resume)
+    oof = np.full((n, len(cohort.modalities)), np.nan)
+    strata = train["event"].numpy().astype(int)
+    for f, (tr_idx, te_idx) in enumerate(oof_folds(n, k, strata=strata, seed=cfg.seed)):
+        inner = {"train": take(train, tr_idx), "validation": tensors["validation"]}
+        for j, m in enumerate(cohort.modalities):
+            mm, _ = _build_and_train(scfg, [m], tf, inner, device, progress, f"oof {f + 1}/{k} {m}", cfg.seed)
+            r = predict(mm, take(train, te_idx), device=device)["risk"]
+            has = present[te_idx, names.index(m)]
+            oof[te_idx[has], j] = r[has]
+    stacker = CoxStacker(penalizer=penalizer).fit(oof, train["time"].numpy(), train["event"].numpy())
+    fused = StackedLateFusion.from_stacker(singles, stacker).to(device).eval()
+    _save_model(out / "checkpoint.pt", fused, cohort.modalities, cfg)
+    atomic_write_json(out / "stacker.json", {
+        "modalities": cohort.modalities, "coef": stacker.coef_.tolist(), "missing_coef": stacker.missing_coef_.tolist(),
+        "inner_folds": k, "penalizer": penalizer,
+    })
+    histories["fused"] = []
+    log.info("late_stacking weights %s", dict(zip(cohort.modalities, np.round(stacker.coef_, 3).tolist())))
+    return {"fused": fused, **singles}
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = True, overwrite: bool = False,
@@ -210,7 +273,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = T
             input_files={k: getattr(cfg.data, k) for k in ("manifest", "expression", "gene_sets", "ehr", "clinical")},
             uid_hashes=cohort.uid_hashes,
         ))
-        log.info("held-out c-index (fused): %.3f", metrics["c_index"])
+        log.info("held-out %s (fused): %s", *_headline(metrics))
         return metrics
     finally:
         log.removeHandler(handler)
@@ -218,15 +281,19 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = T
 
 
 def _aggregate_loso(cfg: ExperimentConfig, cohort: Cohort, fold_metrics: dict[str, dict]) -> dict:
+    """Fold metrics -> run metrics (leave-one-site-out, k-fold): the mean and SD over folds of the main
+    metric (``c_index`` for survival, ``auc`` for classification), per-site values, probes, ablations."""
     folds, probes = [], {}
     key = "site" if cfg.split.scheme == "loso" else "fold"
+    clf = cfg.task.kind == "classification"
+    score = "auc" if clf else "c_index"
     for site, m in fold_metrics.items():
-        folds.append({key: site, "c_index": m["c_index"], "n_test": m["n_patients"]["test"],
+        folds.append({key: site, score: m[score], "n_test": m["n_patients"]["test"],
                       "ablation": m["ablation"], "confounder_probe_auc": m["confounder_probe_auc"]})
         for k, v in m["confounder_probe_auc"].items():
             if v is not None:
                 probes.setdefault(k, []).append(v)
-    cs = [f["c_index"] for f in folds if f["c_index"] is not None and not np.isnan(f["c_index"])]
+    cs = [f[score] for f in folds if f[score] is not None and not np.isnan(f[score])]
     if key == "site":
         per_site = [dict(next((r for r in m.get("per_site", []) if r["group"] == site), {"group": site}))
                     for site, m in fold_metrics.items()]
@@ -234,17 +301,26 @@ def _aggregate_loso(cfg: ExperimentConfig, cohort: Cohort, fold_metrics: dict[st
         per_site = [dict(r, fold=name) for name, m in fold_metrics.items() for r in m.get("per_site", [])
                     if r["group"] != "all"]
     for f, m in zip(folds, fold_metrics.values()):
-        f.update({k: m.get(k) for k in ("uno_c", "ibs", "mean_td_auc")})
-    return {
+        f.update({k: m.get(k) for k in (("auc_validation",) if clf else ("uno_c", "ibs", "mean_td_auc"))})
+        if clf:
+            f.update({k: (m.get("classification") or {}).get(k) for k in ("brier", "log_loss", "accuracy")})
+    if clf:  # a fold whose test set lacks a class has no AUC (None): average the others
+        ablation = {}
+        for name in folds[0]["ablation"]:
+            vals = [f["ablation"][name] for f in folds if f["ablation"].get(name) is not None]
+            ablation[name] = round(float(np.mean(vals)), 4) if vals else None
+    else:
+        ablation = {name: round(float(np.mean([f["ablation"][name] for f in folds])), 4)
+                    for name in folds[0]["ablation"]}
+    return ({"task": "classification"} if clf else {}) | {
         "per_site": per_site,
-        "c_index": round(float(np.mean(cs)), 4) if cs else None,
-        "c_index_sd": round(float(np.std(cs, ddof=1)), 4) if len(cs) > 1 else None,
-        "c_index_per_site": ({f["site"]: f["c_index"] for f in folds} if key == "site" else
-                             _mean_per_site(fold_metrics)),
+        score: round(float(np.mean(cs)), 4) if cs else None,
+        f"{score}_sd": round(float(np.std(cs, ddof=1)), 4) if len(cs) > 1 else None,
+        f"{score}_per_site": ({f["site"]: f[score] for f in folds} if key == "site" else
+                              _mean_per_site(fold_metrics, key=f"{score}_per_site")),
         "folds": folds,
         "confounder_probe_auc": {k: round(float(np.mean(v)), 4) for k, v in probes.items()},
-        "ablation": {name: round(float(np.mean([f["ablation"][name] for f in folds])), 4)
-                     for name in folds[0]["ablation"]},
+        "ablation": ablation,
         "n_patients": {"total": len(cohort), "folds": len(folds)},
         "modalities": cohort.modalities,
         "split_scheme": cfg.split.scheme,
@@ -269,7 +345,7 @@ def _cohort_summary(cohort: Cohort, metrics: dict) -> dict:
 def _write_model_card(out: Path, cfg: ExperimentConfig, cohort: Cohort, metrics: dict) -> None:
     from fusion.model_card import write_model_card
 
-    card_metrics = dict(metrics.get("survival") or {})
+    card_metrics = dict(metrics.get("survival") or metrics.get("classification") or {})
     card_metrics.update({k: metrics[k] for k in ("per_site", "confounder_probe_auc", "c_index", "ablation", "folds")
                          if k in metrics})
     card_metrics.setdefault("harrell_c", metrics.get("c_index"))
@@ -285,10 +361,10 @@ def load_full_cohort(cfg: ExperimentConfig, *, progress: bool = False) -> Cohort
     return cohort
 
 
-def _mean_per_site(fold_metrics: dict) -> dict:
+def _mean_per_site(fold_metrics: dict, key: str = "c_index_per_site") -> dict:
     acc: dict = {}
     for m in fold_metrics.values():
-        for site, c in m.get("c_index_per_site", {}).items():
+        for site, c in m.get(key, {}).items():
             if c is not None:
                 acc.setdefault(site, []).append(c)
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(acc.items())}
@@ -325,6 +401,7 @@ def _save_model(path: Path, model: torch.nn.Module, modalities: list[str], cfg: 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "modalities": list(modalities),
         "seed": cfg.seed,
+        "task_meta": dict(getattr(model, "task_meta", {}) or {}),  # cuts / classes to rebuild the head
     }
     if history is not None:
         payload["history"] = history
@@ -332,6 +409,8 @@ def _save_model(path: Path, model: torch.nn.Module, modalities: list[str], cfg: 
 
 
 def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -> dict:
+    if cfg.task.kind == "classification":
+        return _evaluate_classification(cfg, cohort, splits, tensors, models, device, out)
     preds = {name: {k: predict(m, tensors[k], device=device) for k in splits} for name, m in models.items()}
     test = splits["test"]
     ev, tm = cohort.event[test], cohort.time[test]
@@ -389,7 +468,8 @@ def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -
         plot_calibration(surv["calibration"], out / "calibration.png")
     if surv.get("td_auc") and surv["td_auc"].get("auc"):
         plot_td_auc(surv["td_auc"], out / "td_auc.png")
-    return {
+    extra = _multitask_metrics(cfg, models["fused"], tensors, preds["fused"]) if cfg.task.multitask else {}
+    return extra | {
         "c_index": round(harrell_c(ev, tm, fused_test), 4),
         "uno_c": surv.get("uno_c"),
         "ibs": surv.get("ibs"),
@@ -412,6 +492,166 @@ def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -
         "split_scheme": cfg.split.scheme,
         "seed": cfg.seed,
     }
+
+
+def _proba64(p: np.ndarray) -> np.ndarray:
+    """Float64 class probabilities with rows renormalised (float32 softmax rows may miss 1 by ~1e-7)."""
+    p = np.asarray(p, dtype=np.float64)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _test_auc(y: np.ndarray, proba: np.ndarray) -> float | None:
+    """ROC AUC (binary) or macro one-vs-rest ROC AUC (multiclass, scikit-learn's ``roc_auc_score``) of class
+    indices ``y`` (``-1`` = unknown class, skipped); ``None`` when a class is absent, as in
+    :func:`fusion.evaluation.classification_metrics`."""
+    from fusion.train import macro_auc
+
+    y = np.asarray(y).reshape(-1)
+    keep = y >= 0
+    counts = np.bincount(y[keep], minlength=proba.shape[1]) if keep.any() else np.zeros(proba.shape[1], int)
+    if (counts == 0).any():
+        return None
+    auc = macro_auc(y[keep], proba[keep])
+    return None if np.isnan(auc) else round(float(auc), 4)
+
+
+def _auc_table(groups: np.ndarray, y: np.ndarray, proba: np.ndarray, *, n_boot: int, seed: int) -> list[dict]:
+    """ROC AUC with a percentile bootstrap CI (:func:`fusion.evaluation.bootstrap_ci`) per group, plus ``all``."""
+    from fusion.evaluation import bootstrap_ci
+
+    rows = []
+    names = sorted({str(g) for g in groups.tolist()})
+    for name, sel in [(g, groups.astype(str) == g) for g in names] + [("all", np.ones(len(y), dtype=bool))]:
+        ys, ps = y[sel], proba[sel]
+        auc = _test_auc(ys, ps)
+        lo = hi = None
+        used = 0
+        if auc is not None and n_boot > 0:
+            ci = bootstrap_ci(_test_auc, ys, ps, n_boot=n_boot, seed=seed)
+            lo, hi, used = ci.lo, ci.hi, ci.n_used
+        rows.append({"group": name, "n": int(sel.sum()),
+                     "class_counts": np.bincount(ys[ys >= 0], minlength=proba.shape[1]).tolist(), "auc": auc,
+                     "ci_low": None if lo is None else round(lo, 4), "ci_high": None if hi is None else round(hi, 4),
+                     "n_boot_used": used})
+    return rows
+
+
+def _classification_report(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict | None:
+    """:func:`fusion.evaluation.classification_metrics` on the patients with a known class (None if none)."""
+    from fusion.evaluation import classification_metrics
+
+    keep = y >= 0
+    if not keep.any():
+        return None
+    return classification_metrics(np.asarray(classes, dtype=object)[y[keep]], proba[keep], classes=classes)
+
+
+def _multitask_metrics(cfg, model, tensors, fused_preds) -> dict:
+    """``task.multitask``: the auxiliary label's test metrics and the learned uncertainty weights."""
+    classes = list(model.aux_classes)
+    y = tensors["test"]["label"].numpy()
+    cm = _classification_report(y, _proba64(fused_preds["test"]["aux_proba"]), classes)
+    s = model.uncertainty.log_vars.detach().cpu().double().numpy()
+    return {"multitask": {
+        "aux_label": cfg.task.multitask.aux_label, "classes": classes,
+        "auc": None if cm is None else cm["auc"], "classification": cm,
+        "n_test_unlabelled": int((y < 0).sum()),
+        "task_weights": {"survival": round(float(np.exp(-s[0])), 6), "aux_label": round(float(np.exp(-s[1])), 6)},
+        "log_variances": {"survival": round(float(s[0]), 6), "aux_label": round(float(s[1]), 6)},
+        "weighting": "homoscedastic uncertainty (Kendall, Gal & Cipolla 2018): sum_i exp(-s_i) L_i + s_i",
+    }}
+
+
+def _evaluate_classification(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -> dict:
+    """:func:`_evaluate` for ``task.kind: classification``.
+
+    Test-split ROC AUC (binary) / macro one-vs-rest ROC AUC (multiclass),
+    Brier score, log loss, accuracy, calibration (ECE) and, for two classes,
+    the decision curve (:func:`fusion.evaluation.classification_metrics`);
+    per-site AUC with bootstrap CIs; ``calibration.png``,
+    ``decision_curve.png`` (binary); ``predictions.csv`` with ``label``,
+    ``predicted`` and ``proba_<class>`` columns; the same confounder probes
+    and out-of-distribution flags as survival.  Patients whose label is not
+    one of the model's classes (possible when ``task.classes`` is not set and
+    a class is missing from the training fold) are left out of the metrics
+    and counted in ``n_unknown_class``.
+    """
+    from fusion.evaluation import plot_calibration, plot_decision_curve
+
+    preds = {name: {k: predict(m, tensors[k], device=device) for k in splits} for name, m in models.items()}
+    classes = list(models["fused"].classes)
+    y = {k: tensors[k]["label"].numpy() for k in splits}
+    proba = {k: _proba64(preds["fused"][k]["proba"]) for k in splits}
+    test = splits["test"]
+    ablation = {name: _test_auc(y["test"], _proba64(p["test"]["proba"])) for name, p in preds.items()}
+    cm = _classification_report(y["test"], proba["test"], classes)
+    if cm is not None:
+        plot_calibration(cm["calibration"], out / "calibration.png")
+        if cm.get("decision_curve"):
+            plot_decision_curve(cm["decision_curve"], out / "decision_curve.png")
+    per_site = _auc_table(cohort.sites[test], y["test"], proba["test"], n_boot=cfg.evaluation.n_boot, seed=cfg.seed)
+
+    # Out-of-distribution flag, as for survival: Mahalanobis distance of the fused embedding to the training
+    # patients' embeddings, threshold = 99th percentile of out-of-fold training distances.
+    from fusion.explain import MahalanobisOOD
+
+    ood = MahalanobisOOD(quantile=0.99).fit(preds["fused"]["train"]["embedding"])
+    rows, ood_rate = [], {}
+    for split, idx in splits.items():
+        p = proba[split]
+        dist = ood.distance(preds["fused"][split]["embedding"])
+        flag = dist > ood.threshold_
+        ood_rate[split] = round(float(flag.mean()), 4) if len(flag) else None
+        for r, i in enumerate(idx):
+            row = {"patient": cohort.pseudonyms[i], "site": cohort.sites[i], "split": split,
+                   "label": str(cohort.labels[i]), "predicted": classes[int(p[r].argmax())]}
+            row.update({f"proba_{c}": round(float(p[r, j]), 6) for j, c in enumerate(classes)})
+            row.update({"ood_distance": round(float(dist[r]), 4), "ood_flag": bool(flag[r])})
+            rows.append(row)
+    pd.DataFrame(rows).to_csv(out / "predictions.csv", index=False)
+    # Confounder probes on the fused embedding (as for survival).
+    all_patients = cfg.split.scheme in ("holdout", "kfold")
+    probe_splits = [k_ for k_ in splits if all_patients or k_ != "test"]
+    order = np.concatenate([splits[k_] for k_ in probe_splits])
+    emb = np.concatenate([preds["fused"][k_]["embedding"] for k_ in probe_splits])
+    probe_auc, probe_r2 = {}, {}
+    for c, vals in cohort.confounders.items():
+        if c in cfg.adversary.continuous:
+            r2 = confounder_probe(emb, pd.to_numeric(pd.Series(vals[order]), errors="coerce").to_numpy(),
+                                  continuous=True, seed=cfg.seed)
+            probe_r2[c] = None if r2 is None else round(r2, 4)
+        else:
+            auc = confounder_probe(emb, vals[order], seed=cfg.seed)
+            probe_auc[c] = None if auc is None else round(auc, 4)
+    return {
+        "task": "classification",
+        "auc": ablation["fused"],
+        "auc_validation": _test_auc(y["validation"], proba["validation"]),
+        "auc_per_site": {r["group"]: r["auc"] for r in per_site if r["group"] != "all"},
+        "per_site": per_site,
+        "ablation": ablation,
+        "classification": cm,
+        "classes": classes,
+        "n_patients": {"train": int(len(splits["train"])), "validation": int(len(splits["validation"])),
+                       "test": int(len(test))},
+        "n_per_class": {k: dict(zip(classes, np.bincount(v[v >= 0], minlength=len(classes)).tolist()))
+                        for k, v in y.items()},
+        "n_unknown_class": {k: int((v < 0).sum()) for k, v in y.items()},
+        "confounder_probe_auc": probe_auc,
+        "confounder_probe_r2": probe_r2,
+        "ood": {"threshold": round(float(ood.threshold_), 4), "flag_rate": ood_rate},
+        "confounder_probe_patients": "all" if all_patients else "training cohort (train + validation)",
+        "modalities": cohort.modalities,
+        "split_scheme": cfg.split.scheme,
+        "seed": cfg.seed,
+    }
+
+
+def _headline(metrics: dict) -> tuple[str, str]:
+    """(metric name, formatted value) of a run's main held-out metric, for the log."""
+    name, key = ("ROC AUC", "auc") if metrics.get("task") == "classification" else ("c-index", "c_index")
+    v = metrics.get(key)
+    return name, "n/a" if v is None else f"{v:.3f}"
 
 
 def _plot_km(event, time, groups, k, path: Path) -> None:
@@ -535,6 +775,18 @@ def load_trained_fold(fold: str | Path, *, cohort: Cohort | None = None, progres
 
 
 def _load_models(cfg, tf, fold: Path, device, *, ablation: bool = True) -> dict:
+    if cfg.fusion.name == "late_stacking":
+        from fusion.stacking import StackedLateFusion
+
+        ck = load_checkpoint(fold / "checkpoint.pt")
+        scfg = _single_modality_cfg(cfg)
+        singles = {m: build_model(scfg, tf.input_dims_, [m], confounder_kinds=tf.confounder_kinds_,
+                                  omics_structure=getattr(tf, "omics_structure_", None),
+                                  task_meta=ck.get("task_meta") or tf.task_meta_) for m in ck["modalities"]}
+        fused = StackedLateFusion(singles)
+        fused.load_state_dict(ck["state_dict"])
+        fused = fused.to(device).eval()
+        return {"fused": fused, **({m: fused.models[m] for m in fused.modalities} if ablation else {})}
     models = {}
     paths = [("fused", fold / "checkpoint.pt")]
     if ablation:
@@ -542,7 +794,8 @@ def _load_models(cfg, tf, fold: Path, device, *, ablation: bool = True) -> dict:
     for name, path in paths:
         ck = load_checkpoint(path)
         model = build_model(cfg, tf.input_dims_, ck["modalities"], confounder_kinds=tf.confounder_kinds_,
-                            omics_structure=getattr(tf, "omics_structure_", None))
+                            omics_structure=getattr(tf, "omics_structure_", None),
+                            task_meta=ck.get("task_meta") or tf.task_meta_)
         model.load_state_dict(ck["state_dict"])
         models[name] = model.to(device).eval()
     return models
@@ -572,30 +825,33 @@ def _evaluate_fold(cfg: ExperimentConfig, cohort: Cohort, fold: Path, device) ->
 
 
 def _prepare_from(cfg, cohort, splits):
-    if not cohort.event[splits["train"]].any():
-        raise ValueError("every training patient is censored: the Cox model cannot be fitted")
+    if cfg.task.kind == "survival" and not cohort.event[splits["train"]].any():
+        raise ValueError("every training patient is censored: the survival model cannot be fitted")
     tf = FoldTransforms(cfg).fit(cohort, splits["train"])
     tensors = {k: make_tensors(cohort, v, tf) for k, v in splits.items()}
     return cohort, splits, tf, tensors
 
 
 def summary_table(metrics: dict) -> str:
-    """Plain-text summary printed by the CLI."""
-    lines = ["", "Held-out patients: Harrell's c-index", "-" * 44]
+    """Plain-text summary printed by the CLI (ROC AUC instead of the c-index for classification)."""
+    clf = metrics.get("task") == "classification"
+    title, short, score = ("ROC AUC", "AUC", "auc") if clf else ("Harrell's c-index", "c-index", "c_index")
+    lines = ["", f"Held-out patients: {title}", "-" * 44]
     for name, c in metrics["ablation"].items():
-        lines.append(f"  {name:<12} {c:6.3f}" + ("   <- fused model" if name == "fused" else ""))
+        lines.append(f"  {name:<12} {'   n/a' if c is None else f'{c:6.3f}'}"
+                     + ("   <- fused model" if name == "fused" else ""))
     lines.append("")
     lines.append("Per site (fused):")
-    for s, c in metrics["c_index_per_site"].items():
+    for s, c in metrics[f"{score}_per_site"].items():
         lines.append(f"  {s:<12} {'n/a' if c is None else f'{c:6.3f}'}")
     n = metrics["n_patients"]
     lines.append("")
     if metrics.get("split_scheme") == "loso":
         lines.append(f"leave-one-site-out: {n['folds']} folds over {n['total']} patients "
-                     "(c-index above = mean over held-out sites)")
+                     f"({short} above = mean over held-out sites)")
     elif metrics.get("split_scheme") == "kfold":
         lines.append(f"stratified {n['folds']}-fold cross-validation over {n['total']} patients "
-                     f"(c-index above = mean over folds, SD {metrics.get('c_index_sd')})")
+                     f"({short} above = mean over folds, SD {metrics.get(f'{score}_sd')})")
     else:
         lines.append(f"patients: train {n['train']}, validation {n['validation']}, test {n['test']}")
     if metrics.get("confounder_probe_auc"):
@@ -603,4 +859,10 @@ def summary_table(metrics: dict) -> str:
         lines.append(f"confounder probe AUC on the fused embedding (0.5 = removed): {probes}")
     if metrics.get("logrank_p_risk_groups") is not None:
         lines.append(f"log-rank p between predicted risk groups (test): {metrics['logrank_p_risk_groups']:.2g}")
+    mt = metrics.get("multitask")
+    if mt:
+        auc = "n/a" if mt.get("auc") is None else f"{mt['auc']:.3f}"
+        w = mt.get("task_weights", {})
+        lines.append(f"auxiliary label '{mt.get('aux_label')}': test ROC AUC {auc}; uncertainty weights "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in w.items()))
     return "\n".join(lines)

@@ -1,21 +1,59 @@
 """Model assembly: per-modality encoders + fusion strategy + task head."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from encoders.registry import create_encoder, get_encoder_entry
 from fusion.config import IMAGE_MODALITIES, ExperimentConfig
-from fusion.losses import cox_ph_loss
+from fusion.losses import (UncertaintyWeighting, classification_loss, cox_ph_loss, discrete_time_nll,
+                           discrete_time_risk, discrete_time_survival)
 from fusion.strategies import create_fusion
+
+#: The task heads: Cox survival (one log relative hazard), discrete-time survival (K interval hazard
+#: logits) and classification (one logit for two classes, K logits for K > 2 classes).
+TASK_HEADS = ("cox", "discrete_time", "classification")
+_LOSS_NAMES = {"cox": "loss_cox", "discrete_time": "loss_discrete_time", "classification": "loss_classification"}
 
 
 def _select(x, idx: torch.Tensor):
     if isinstance(x, Mapping):
         return {k: _select(v, idx) for k, v in x.items()}
     return x.index_select(0, idx)
+
+
+def _n_logits(n_classes: int) -> int:
+    """Head size of a classifier: one logit (sigmoid) for two classes, else one per class (softmax)."""
+    return 1 if n_classes == 2 else n_classes
+
+
+def _class_proba(raw: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Class probabilities ``(B, K)`` from a classifier head's raw output (rows sum to 1)."""
+    if n_classes == 2:
+        p1 = torch.sigmoid(raw.reshape(-1).float())
+        return torch.stack([1.0 - p1, p1], dim=1)
+    return torch.softmax(raw.float(), dim=1)
+
+
+def _weighted_classification_loss(raw: torch.Tensor, target: torch.Tensor, n_classes: int, *, kind: str,
+                                  gamma: float, weights: Sequence[float] | None) -> torch.Tensor:
+    """:func:`~fusion.losses.classification_loss` with per-class weights ``w_y`` (mean of ``w_y * loss``).
+
+    Binary heads take ``alpha`` for the positive class (``alpha_t = alpha`` or ``1 - alpha``); with
+    weights ``(w0, w1)`` we pass ``alpha = w1 / (w0 + w1)`` and rescale by ``w0 + w1``, which gives
+    exactly ``w_y * loss`` as in the multiclass case.
+    """
+    raw = raw.float()
+    if n_classes == 2:
+        z = raw.reshape(-1)
+        if weights is None:
+            return classification_loss(z, target, kind=kind, gamma=gamma)
+        total = float(weights[0]) + float(weights[1])
+        return classification_loss(z, target, kind=kind, gamma=gamma, alpha=float(weights[1]) / total) * total
+    return classification_loss(raw, target, kind=kind, gamma=gamma,
+                               alpha=None if weights is None else [float(w) for w in weights])
 
 
 class FusionModel(nn.Module):
@@ -29,35 +67,120 @@ class FusionModel(nn.Module):
     Forward input: the batch dict of the data contract; ``batch["modalities"]``
     names the columns of ``batch["present"]``.  Output: ``risk`` (B,),
     ``embedding`` (B, D), ``modality_embeddings`` {m: (B, D_m)}, ``attention``
-    (B, M) for strategies that weigh modalities, and ``loss``
-    (with its parts ``loss_cox`` and ``loss_aux``) when ``time``/``event`` are
-    in the batch.
+    (B, M) for strategies that weigh modalities, and ``loss`` with its parts
+    when the targets are in the batch.  By ``task``:
+
+    * ``"cox"``: ``head`` has 1 output, ``risk`` = the log relative hazard;
+      loss ``loss_cox`` (Cox partial likelihood, ``ties``) from ``time``/``event``.
+    * ``"discrete_time"``: ``head`` has ``K = len(cuts) - 1`` outputs, the
+      per-interval hazard logits ``logits`` (B, K); ``survival`` (B, K) =
+      ``S`` at the interval ends; ``risk`` = cumulative hazard at the last
+      cut (:func:`~fusion.losses.discrete_time_risk`, so every c-index keeps
+      working); loss ``loss_discrete_time`` (:func:`~fusion.losses.discrete_time_nll`).
+      ``cuts`` is a buffer, so checkpoints carry it.
+    * ``"classification"``: ``head`` has 1 output for two classes (sigmoid;
+      ``classes[1]`` is the positive class) or ``K`` outputs (softmax).
+      ``logits`` is the head's output, ``proba`` (B, K) the class
+      probabilities (rows sum to 1) and ``risk`` = ``P(classes[1])`` for two
+      classes, the largest class probability (the confidence of the predicted
+      class) for more; use ``proba``.  Loss ``loss_classification`` from
+      ``label`` (long class index, ``-1`` = unknown, ignored): cross-entropy or
+      focal (``cls_loss``, ``focal_gamma``), optional ``class_weights``.
+
+    ``loss_task`` is the task loss whatever its name.  With ``aux_classes``
+    (``task.multitask``) a second linear head ``aux_label_head`` on the fused
+    embedding predicts an auxiliary class label (``aux_logits``,
+    ``aux_proba``, loss ``loss_aux_label`` from ``batch["label"]``) and the
+    two losses are combined by homoscedastic uncertainty weighting
+    (:class:`~fusion.losses.UncertaintyWeighting`, Kendall, Gal & Cipolla
+    2018): ``exp(-s_1) L_task + s_1 + exp(-s_2) L_aux + s_2``; the current
+    weights ``exp(-s_i)`` are returned as ``task_weights``.
 
     Parameters
     ----------
     encoders, fusion, head
         The parts.
     aux_loss_weight
-        Weight ``w`` of the auxiliary per-modality Cox losses (deep
-        supervision): each modality embedding also gets a linear risk head,
-        trained with the Cox loss on the patients who have that modality, and
-        ``loss = loss_cox + w * mean_m(loss_aux_m)``.  With a few hundred
-        patients this keeps the slow-learning image encoders from being
-        ignored while the tabular branches fit quickly.  0 disables it.
+        Weight ``w`` of the auxiliary per-modality task losses (deep
+        supervision): each modality embedding also gets a linear head of the
+        task's size, trained with the task loss on the patients who have
+        that modality, and ``loss = loss_task + w * mean_m(loss_aux_m)``.
+        With a few hundred patients this keeps the slow-learning image
+        encoders from being ignored while the tabular branches fit quickly.
+        0 disables it.
     modality_dropout
         In training, each present modality of each patient is hidden with
         this probability (at least one modality is always kept), so the
         model learns to predict from any subset.
+    task
+        One of :data:`TASK_HEADS`.
+    ties
+        Cox ties handling, ``"efron"`` or ``"breslow"``.
+    cuts
+        Discrete-time interval boundaries ``(K + 1,)`` fitted on the training fold.
+    classes
+        Class names in column order (classification).
+    cls_loss, focal_gamma, class_weights
+        Classification loss ``"ce"`` or ``"focal"``, its exponent, per-class weights.
+    aux_classes, aux_cls_loss, aux_focal_gamma
+        Auxiliary-label classes and loss (``task.multitask``).
     """
 
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: nn.Module, head: nn.Module, *,
                  aux_loss_weight: float = 0.0, modality_dropout: float = 0.0,
-                 adversary: nn.Module | None = None, adversary_weight: float = 1.0) -> None:
+                 adversary: nn.Module | None = None, adversary_weight: float = 1.0,
+                 task: str = "cox", ties: str = "efron", cuts: Sequence[float] | None = None,
+                 classes: Sequence[str] | None = None, cls_loss: str = "ce", focal_gamma: float = 2.0,
+                 class_weights: Sequence[float] | None = None, aux_classes: Sequence[str] | None = None,
+                 aux_cls_loss: str = "ce", aux_focal_gamma: float = 2.0) -> None:
         super().__init__()
         if aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
         if not 0.0 <= modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        if task not in TASK_HEADS:
+            raise ValueError(f"task must be one of {', '.join(TASK_HEADS)}, got {task!r}")
+        if ties not in ("efron", "breslow"):
+            raise ValueError(f"ties must be 'efron' or 'breslow', got {ties!r}")
+        for name, kind in (("cls_loss", cls_loss), ("aux_cls_loss", aux_cls_loss)):
+            if kind not in ("ce", "focal"):
+                raise ValueError(f"{name} must be 'ce' or 'focal', got {kind!r}")
+        self.task = task
+        self.ties = ties
+        self.cls_loss = cls_loss
+        self.focal_gamma = float(focal_gamma)
+        self.classes: list[str] | None = None
+        self.class_weights: list[float] | None = None
+        if task == "discrete_time":
+            if cuts is None:
+                raise ValueError("cuts: task 'discrete_time' needs the interval boundaries (K + 1 values)")
+            c = torch.as_tensor([float(x) for x in cuts], dtype=torch.float32)
+            if c.numel() < 2 or not bool(torch.isfinite(c).all()) or not bool((c[1:] > c[:-1]).all()):
+                raise ValueError(f"cuts must be at least 2 finite, strictly increasing values, got {list(cuts)}")
+            self.register_buffer("cuts", c)
+            n_out = c.numel() - 1
+        elif task == "classification":
+            if classes is None or len(classes) < 2:
+                raise ValueError(f"classes: task 'classification' needs at least two class names, got {classes}")
+            self.classes = [str(x) for x in classes]
+            n_out = _n_logits(len(self.classes))
+            if class_weights is not None:
+                w = [float(x) for x in class_weights]
+                if len(w) != len(self.classes) or any(not x >= 0 for x in w) or not sum(w) > 0:
+                    raise ValueError(f"class_weights must be {len(self.classes)} values >= 0 (one per class "
+                                     f"{self.classes}) with a positive sum, got {list(class_weights)}")
+                self.class_weights = w
+        else:
+            n_out = 1
+        self.n_outputs = n_out
+        out_features = getattr(head, "out_features", None)
+        if out_features is not None and out_features != n_out:
+            raise ValueError(f"head has {out_features} outputs but task '{task}' needs {n_out}")
+        from fusion.strategies import LateFusion
+
+        if task != "cox" and isinstance(fusion, LateFusion):
+            raise ValueError(f"fusion 'late' returns one risk per patient and supports only the Cox task for now, "
+                             f"not task '{task}'")
         self.modalities = sorted(encoders)
         self.encoders = nn.ModuleDict({m: encoders[m] for m in self.modalities})
         self.fusion = fusion
@@ -67,8 +190,68 @@ class FusionModel(nn.Module):
         self.adversary = adversary
         self.adversary_weight = float(adversary_weight)
         self.aux_heads = nn.ModuleDict(
-            {m: nn.Linear(encoders[m].out_dim, 1) for m in self.modalities} if aux_loss_weight > 0 else {}
+            {m: nn.Linear(encoders[m].out_dim, n_out) for m in self.modalities} if aux_loss_weight > 0 else {}
         )
+        self.aux_classes: list[str] | None = None
+        self.aux_label_head: nn.Module | None = None
+        self.uncertainty: UncertaintyWeighting | None = None
+        if aux_classes is not None:
+            if task == "classification":
+                raise ValueError("aux_classes: an auxiliary label head goes with a survival task, not classification")
+            if len(aux_classes) < 2:
+                raise ValueError(f"aux_classes needs at least two class names, got {aux_classes}")
+            in_features = getattr(head, "in_features", None)
+            if in_features is None:
+                raise ValueError("aux_classes needs a head with ``in_features`` (an nn.Linear) to size its own head")
+            self.aux_classes = [str(x) for x in aux_classes]
+            self.aux_cls_loss = aux_cls_loss
+            self.aux_focal_gamma = float(aux_focal_gamma)
+            self.aux_label_head = nn.Linear(in_features, _n_logits(len(self.aux_classes)))
+            self.uncertainty = UncertaintyWeighting(2)
+
+    @property
+    def task_meta(self) -> dict:
+        """What :func:`build_model` needs besides the config to rebuild this model (saved in checkpoints)."""
+        meta: dict = {}
+        if self.task == "discrete_time":
+            meta["cuts"] = [float(x) for x in self.cuts.tolist()]
+        if self.classes is not None:
+            meta["classes"] = list(self.classes)
+        if self.aux_classes is not None:
+            meta["aux_classes"] = list(self.aux_classes)
+        return meta
+
+    def head_outputs(self, raw: torch.Tensor) -> dict:
+        """Task outputs (``risk`` and, by task, ``logits``, ``survival``, ``proba``) from the head's raw output."""
+        if self.task == "cox":
+            return {"risk": raw.reshape(-1)}
+        if self.task == "discrete_time":
+            logits = raw.reshape(raw.shape[0], -1)
+            return {"logits": logits, "risk": discrete_time_risk(logits), "survival": discrete_time_survival(logits)}
+        proba = _class_proba(raw, len(self.classes))
+        risk = proba[:, 1] if len(self.classes) == 2 else proba.max(dim=1).values
+        return {"logits": raw, "proba": proba, "risk": risk}
+
+    def risk_from_embedding(self, fused: torch.Tensor) -> torch.Tensor:
+        """``risk`` (B,) from a fused embedding through the shared head (not for late fusion)."""
+        return self.head_outputs(self.head(fused))["risk"]
+
+    def _task_loss(self, raw: torch.Tensor, batch: Mapping, idx: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The task loss of ``raw`` head outputs (rows ``idx`` of the batch when given); None without targets."""
+        def sel(t):
+            return t if idx is None else t.index_select(0, idx)
+
+        if self.task in ("cox", "discrete_time"):
+            if "time" not in batch or "event" not in batch:
+                return None
+            if self.task == "cox":
+                return cox_ph_loss(raw.reshape(-1), sel(batch["time"]), sel(batch["event"]), ties=self.ties)
+            return discrete_time_nll(raw.float().reshape(raw.shape[0], -1), sel(batch["time"]), sel(batch["event"]),
+                                     self.cuts)
+        if "label" not in batch:
+            return None
+        return _weighted_classification_loss(raw, sel(batch["label"]), len(self.classes), kind=self.cls_loss,
+                                             gamma=self.focal_gamma, weights=self.class_weights)
 
     def _drop_modalities(self, present: torch.Tensor) -> torch.Tensor:
         """Hide present modalities at random, keeping at least one per patient."""
@@ -103,24 +286,47 @@ class FusionModel(nn.Module):
         fusion_out = self.fusion(embeddings, present)
         fused = fusion_out["embedding"]
         # late fusion strategies combine their own per-modality risks; the others feed the shared head
-        risk = fusion_out["risk"].reshape(-1) if "risk" in fusion_out else self.head(fused).reshape(-1)
-        out = {"risk": risk, "embedding": fused, "modality_embeddings": embeddings}
+        if "risk" in fusion_out:
+            if self.task != "cox":
+                raise ValueError(f"the fusion strategy returns its own risk, which supports only the Cox task, "
+                                 f"not task '{self.task}'")
+            raw = fusion_out["risk"].reshape(-1, 1)
+        else:
+            raw = self.head(fused)
+        out = self.head_outputs(raw)
+        out.update({"embedding": fused, "modality_embeddings": embeddings})
         for k in ("attention", "modality_risks"):
             if k in fusion_out:
                 out[k] = fusion_out[k]
+        aux_raw = None
+        if self.aux_label_head is not None:
+            aux_raw = self.aux_label_head(fused)
+            out["aux_logits"] = aux_raw
+            out["aux_proba"] = _class_proba(aux_raw, len(self.aux_classes))
         if self.adversary is not None:
             out["confounder_logits"] = self.adversary(fused)
-        if "time" in batch and "event" in batch:
-            out["loss_cox"] = cox_ph_loss(risk, batch["time"], batch["event"])
-            out["loss"] = out["loss_cox"]
+        task_loss = self._task_loss(raw, batch)
+        if task_loss is not None:
+            out[_LOSS_NAMES[self.task]] = task_loss
+            out["loss_task"] = task_loss
+            out["loss"] = task_loss
+            if self.uncertainty is not None:
+                s = self.uncertainty.log_vars
+                if "label" in batch and bool((batch["label"] >= 0).any()):
+                    out["loss_aux_label"] = _weighted_classification_loss(
+                        aux_raw, batch["label"], len(self.aux_classes), kind=self.aux_cls_loss,
+                        gamma=self.aux_focal_gamma, weights=None)
+                    out["loss"] = self.uncertainty([task_loss.float(), out["loss_aux_label"]])
+                else:  # no auxiliary label in this batch: the task term of the weighted sum only
+                    out["loss"] = torch.exp(-s[0]) * task_loss.float() + s[0]
+                out["task_weights"] = self.uncertainty.weights
             if self.aux_loss_weight > 0:
                 aux = []
                 for m in self.modalities:
                     idx = torch.nonzero(present[m], as_tuple=False).reshape(-1)
                     if idx.numel() > 1:
-                        r = self.aux_heads[m](embeddings[m].index_select(0, idx)).reshape(-1)
-                        aux.append(cox_ph_loss(r, batch["time"].index_select(0, idx),
-                                               batch["event"].index_select(0, idx)))
+                        r = self.aux_heads[m](embeddings[m].index_select(0, idx))
+                        aux.append(self._task_loss(r, batch, idx))
                 if aux:
                     out["loss_aux"] = torch.stack(aux).mean()
                     out["loss"] = out["loss"] + self.aux_loss_weight * out["loss_aux"]
@@ -137,12 +343,30 @@ EARLY_EXTRACTORS = {"image3d": "image_pool", "tabular": "identity", "sequence": 
 
 def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities: list[str], *,
                 confounder_kinds: Mapping[str, int] | None = None,
-                omics_structure: Mapping | None = None) -> FusionModel:
+                omics_structure: Mapping | None = None, task_meta: Mapping | None = None) -> FusionModel:
     """Build a model for ``modalities`` from the config.
 
     ``input_dims`` gives, per modality, the channel count (images) or feature
-    count (omics, clinical, EHR variables) of the prepared data.
+    count (omics, clinical, EHR variables) of the prepared data.  ``task_meta``
+    holds what the task head needs from the training fold
+    (:attr:`fusion.data.FoldTransforms.task_meta_` when training,
+    ``checkpoint["task_meta"]`` when loading): ``cuts`` for discrete-time
+    survival, ``classes`` for classification, ``aux_classes`` for
+    ``task.multitask``.
     """
+    task, meta = cfg.task, dict(task_meta or {})
+    kind = task.head
+    needs = {"discrete_time": "cuts", "classification": "classes"}.get(kind)
+    for key, what in ((needs, f"task '{kind}'"), ("aux_classes" if task.multitask else None, "task.multitask")):
+        if key is not None and not meta.get(key):
+            raise ValueError(f"build_model: {what} needs task_meta[{key!r}] (fitted on the training fold, "
+                             "FoldTransforms.task_meta_, and stored in the checkpoint)")
+    if kind == "discrete_time":
+        n_out = len(meta["cuts"]) - 1
+    elif kind == "classification":
+        n_out = _n_logits(len(meta["classes"]))
+    else:
+        n_out = 1
     encoders = {}
     early = cfg.fusion.name == "early"
     for m in sorted(modalities):
@@ -171,13 +395,21 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
         "concat" if early else cfg.fusion.name, {m: e.out_dim for m, e in encoders.items()}, cfg.fusion.hidden,
         dropout=cfg.fusion.dropout, **cfg.fusion.kwargs,
     )
-    head = nn.Linear(cfg.fusion.hidden, 1)
+    head = nn.Linear(cfg.fusion.hidden, n_out)
     adversary = None
     if cfg.adversary.enabled and confounder_kinds:
         from fusion.adversarial import ConfounderAdversary
 
         adversary = ConfounderAdversary(cfg.fusion.hidden, confounder_kinds, hidden=cfg.adversary.hidden,
                                         mode=cfg.adversary.mode)
+    mt = task.multitask
+    classification = kind == "classification"
     return FusionModel(encoders, fusion, head, aux_loss_weight=cfg.fusion.aux_loss_weight,
                        modality_dropout=cfg.training.modality_dropout, adversary=adversary,
-                       adversary_weight=cfg.adversary.weight)
+                       adversary_weight=cfg.adversary.weight, task=kind, ties=task.ties, cuts=meta.get("cuts"),
+                       classes=meta.get("classes") if classification else None,
+                       cls_loss=task.loss if classification else "ce", focal_gamma=task.focal_gamma,
+                       class_weights=task.class_weights if classification else None,
+                       aux_classes=meta.get("aux_classes") if mt is not None else None,
+                       aux_cls_loss=mt.loss if mt is not None else "ce",
+                       aux_focal_gamma=mt.focal_gamma if mt is not None else 2.0)

@@ -189,9 +189,11 @@ def data_driven_caveats(metrics: dict, cohort_summary: dict, *, task: str | None
     if small:
         out.append("Small test sites (< {} test patients): {}. Their per-site estimates are imprecise."
                    .format(MIN_SITE_TEST_PATIENTS, ", ".join(f"{s} (n = {int(n)})" for s, n in small)))
-    undefined = [str(r.get("group")) for r in rows if _num(r.get("harrell_c")) is None]
+    score = "auc" if task == "classification" else "harrell_c"
+    undefined = [str(r.get("group")) for r in rows if _num(r.get(score)) is None]
     if undefined:
-        out.append("C-index not computable (fewer than 2 comparable pairs) at site(s): "
+        out.append(("ROC AUC not computable (a class absent)" if task == "classification" else
+                    "C-index not computable (fewer than 2 comparable pairs)") + " at site(s): "
                    + ", ".join(undefined) + ".")
     wide = []
     for r in _site_rows(metrics):
@@ -337,7 +339,12 @@ def _metrics_section(metrics: dict, task: str) -> list[str]:
 
     lines += ["### Per site", ""]
     site_rows = _site_rows(metrics)
-    if site_rows:
+    if site_rows and task == "classification":
+        lines += ["ROC AUC per site with a 95% percentile bootstrap CI over patients.", ""]
+        lines += _table(["site", "patients", "class counts", "ROC AUC", "95% CI"],
+                        [[r.get("group", "?"), _count(r.get("n")), _cell(r.get("class_counts", "")),
+                          _fmt(r.get("auc")), _ci(r.get("ci_low"), r.get("ci_high"))] for r in site_rows])
+    elif site_rows:
         lines += ["Harrell's C-index per site with a 95% percentile bootstrap CI over patients.", ""]
         lines += _table(["site", "patients", "events", "C-index", "95% CI"],
                         [[r.get("group", "?"), _count(r.get("n")), _count(r.get("n_events")),

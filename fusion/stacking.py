@@ -14,8 +14,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
 
-__all__ = ["CoxStacker", "oof_folds"]
+__all__ = ["CoxStacker", "StackedLateFusion", "oof_folds"]
 
 
 def oof_folds(n: int, k: int, strata=None, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -196,3 +197,51 @@ class CoxStacker:
             raise ValueError("CoxStacker is not fitted; call fit(oof_risks, time, event) first")
         arr = _as_risk_matrix(risks, "risks", self.n_features_in_)
         return self._design(arr) @ self._beta
+
+
+class StackedLateFusion(torch.nn.Module):
+    """Late fusion by stacking: single-modality models combined by a fitted :class:`CoxStacker`.
+
+    ``forward(batch)`` runs every single-modality model on the batch, takes
+    each one's risk where its modality is present, standardises it with the
+    stacker's training mean / SD (0 where absent) and returns
+    ``risk = sum_m coef_m z_m + sum_m missing_coef_m [m absent]`` (exactly
+    ``CoxStacker.predict``), ``embedding`` = the standardised per-modality
+    risks ``(B, M)`` and ``modality_risks``.  It is not trained by gradient:
+    the single-modality models are trained first and the stacker is fitted on
+    their out-of-fold training predictions (see ``fusion.experiment``).
+    """
+
+    def __init__(self, models: dict, *, coef=None, missing_coef=None, mean=None, scale=None) -> None:
+        super().__init__()
+        self.modalities = sorted(models)
+        self.models = torch.nn.ModuleDict({m: models[m] for m in self.modalities})
+        k = len(self.modalities)
+
+        def buf(v, fill):
+            return torch.as_tensor(np.full(k, fill) if v is None else np.asarray(v, dtype=float), dtype=torch.float32)
+
+        self.register_buffer("coef", buf(coef, 0.0))
+        self.register_buffer("missing_coef", buf(missing_coef, 0.0))
+        self.register_buffer("mean", buf(mean, 0.0))
+        self.register_buffer("scale", buf(scale, 1.0))
+
+    @classmethod
+    def from_stacker(cls, models: dict, stacker: CoxStacker) -> "StackedLateFusion":
+        return cls(models, coef=stacker.coef_, missing_coef=stacker.missing_coef_, mean=stacker.mean_,
+                   scale=stacker.scale_)
+
+    def forward(self, batch) -> dict:
+        names = list(batch["modalities"])
+        zs, absent = [], []
+        for m in self.modalities:
+            p = batch["present"][:, names.index(m)]
+            r = self.models[m]({k: v for k, v in batch.items() if k not in ("time", "event")})["risk"]
+            j = self.modalities.index(m)
+            z = torch.where(p, (r - self.mean[j]) / self.scale[j], torch.zeros_like(r))
+            zs.append(z)
+            absent.append((~p).to(r.dtype))
+        z = torch.stack(zs, dim=1)
+        miss = torch.stack(absent, dim=1)
+        risk = z @ self.coef + miss @ self.missing_coef
+        return {"risk": risk, "embedding": z, "modality_risks": z, "modality_embeddings": {}}

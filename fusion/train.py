@@ -1,9 +1,12 @@
-"""Training loop with early stopping on the validation c-index, checkpoint and resume.
+"""Training loop with early stopping on a validation metric, checkpoint and resume.
 
 Full-split tensors live in memory (the demo and typical cohorts of a few
 hundred patients fit easily once volumes are preprocessed and cached),
-mini-batches are index selections, and the best epoch by validation Harrell's
-C is restored at the end.
+mini-batches are index selections, and the best epoch by the validation
+metric is restored at the end: Harrell's C for survival (Cox and
+discrete-time heads alike, on the model's ``risk``), ROC AUC for binary and
+macro one-vs-rest ROC AUC for multiclass classification (on ``proba``; see
+:func:`validation_score`).
 
 Resume: with ``state_path`` the complete training state (weights, optimiser
 moments, every random generator the loop draws from — torch, numpy, Python,
@@ -52,18 +55,58 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Optional per-patient model outputs that :func:`predict` passes through when the model returns them.
+_EXTRA_OUTPUTS = ("proba", "survival", "aux_proba")
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, tensors: dict, *, device: torch.device, batch_size: int = 128) -> dict:
-    """Risk ``(N,)`` and fused embedding ``(N, D)`` for every patient of ``tensors``."""
+    """Risk ``(N,)`` and fused embedding ``(N, D)`` for every patient of ``tensors``.
+
+    Also ``proba`` ``(N, K)`` (classification), ``survival`` ``(N, K)``
+    (discrete-time survival) and ``aux_proba`` (``task.multitask``) when the
+    model outputs them.
+    """
     model.eval()
-    n = tensors["time"].shape[0]
-    risks, embs = [], []
+    n = tensors["present"].shape[0]
+    risks, embs, extra = [], [], {}
     for start in range(0, n, batch_size):
         b = to_device(take(tensors, np.arange(start, min(n, start + batch_size))), device)
         out = model(b)
         risks.append(out["risk"].float().cpu())
         embs.append(out["embedding"].float().cpu())
-    return {"risk": torch.cat(risks).numpy(), "embedding": torch.cat(embs).numpy()}
+        for k in _EXTRA_OUTPUTS:
+            if k in out:
+                extra.setdefault(k, []).append(out[k].float().cpu())
+    res = {"risk": torch.cat(risks).numpy(), "embedding": torch.cat(embs).numpy()}
+    res.update({k: torch.cat(v).numpy() for k, v in extra.items()})
+    return res
+
+
+def macro_auc(y: np.ndarray, proba: np.ndarray) -> float:
+    """ROC AUC of class indices ``y`` (``-1`` = unknown, skipped) against ``proba`` ``(N, K)``.
+
+    Binary: AUC of ``proba[:, 1]``.  Multiclass: the mean one-vs-rest AUC
+    over the classes that have both positives and negatives among the known
+    labels (scikit-learn's macro average when every class is present).  NaN
+    when no class qualifies.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y).reshape(-1)
+    proba = np.asarray(proba, dtype=float)
+    keep = y >= 0
+    y, proba = y[keep], proba[keep]
+    cols = [1] if proba.shape[1] == 2 else range(proba.shape[1])
+    aucs = [roc_auc_score(y == k, proba[:, k]) for k in cols if 0 < (y == k).sum() < len(y)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def validation_score(model: torch.nn.Module, val: dict, pred: dict) -> tuple[str, float]:
+    """The early-stopping metric (name, value; higher is better) of ``pred = predict(model, val)``."""
+    if getattr(model, "task", "cox") == "classification":
+        return "val_auc", macro_auc(val["label"].numpy(), pred["proba"])
+    return "val_c_index", harrell_c(val["event"].numpy(), val["time"].numpy(), pred["risk"])
 
 
 def _augment_batch(b: dict, augment: dict) -> dict:
@@ -160,7 +203,8 @@ def train_model(
     """Fit ``model`` on ``train``; keep the epoch with the best validation c-index.
 
     Returns the model (best weights loaded, eval mode) and the per-epoch history
-    (``epoch``, ``loss``, ``val_c_index``).  A model with an ``adversary`` gets
+    (``epoch``, ``loss``, and ``val_c_index`` or, for classification, ``val_auc``;
+    see :func:`validation_score`).  A model with an ``adversary`` gets
     its gradient-reversal strength set every step by the DANN schedule, scaled
     to ``lambda_max``, and ``adversary_steps`` adversary-only updates after
     every step (see :func:`fusion.adversarial.adversary_inner_steps`).
@@ -176,12 +220,19 @@ def train_model(
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
-    n = train["time"].shape[0]
+    n = train["present"].shape[0]
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total_steps = max(1, cfg.epochs * steps_per_epoch - 1)
     adversary = getattr(model, "adversary", None)
     adv_opt = (torch.optim.Adam(adversary.parameters(), lr=cfg.lr)
                if adversary is not None and adversary_steps > 0 else None)
+    sharing_modules = []
+    if getattr(cfg, "parameter_sharing", 0.0) > 0 and hasattr(model, "encoders"):
+        from fusion.losses import parameter_sharing_penalty
+
+        sharing_modules = [model.encoders[m] for m in ("ct", "mri", "pet") if m in model.encoders]
+        if len(sharing_modules) < 2:
+            sharing_modules = []
     use_amp = bool(getattr(cfg, "amp", False)) and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -226,19 +277,21 @@ def train_model(
                 pen = getattr(mod, "penalty", None)
                 if mod is not model and callable(pen):
                     loss = loss + pen()
+            if sharing_modules:  # soft parameter sharing between the image encoders
+                loss = loss + cfg.parameter_sharing * parameter_sharing_penalty(sharing_modules)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             if adv_opt is not None and "confounders" in b:
                 with torch.no_grad():  # the updated encoders' embedding of this batch
-                    z_now = model({k: v for k, v in b.items() if k not in ("time", "event")})["embedding"]
+                    z_now = model({k: v for k, v in b.items() if k not in ("time", "event", "label")})["embedding"]
                 adversary_inner_steps(adversary, adv_opt, z_now, b["confounders"], adversary_steps)
             losses.append(float(loss.detach()))
         pv = predict(model, val, device=device)
-        c = harrell_c(val["event"].numpy(), val["time"].numpy(), pv["risk"])
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_c_index": c})
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_c=f"{c:.3f}")
+        metric, c = validation_score(model, val, pv)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), metric: c})
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{metric: f"{c:.3f}"})
         if c > best_c + 1e-6:
             best_c, best_epoch, bad = c, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -260,5 +313,6 @@ def train_model(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    log.info("%s: best epoch %d, validation c-index %.3f", desc, best_epoch, best_c)
+    log.info("%s: best epoch %d, validation %s %.3f", desc, best_epoch,
+             "ROC AUC" if getattr(model, "task", "cox") == "classification" else "c-index", best_c)
     return model, history

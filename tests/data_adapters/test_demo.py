@@ -253,6 +253,9 @@ def test_pet_suvbw_from_tags(cohort: Path, truth: dict) -> None:
     x, y, z = _world_grid(slices)
     (cx, cy, cz), (rx, ry, rz) = lesion["centre_mm"], lesion["radii_mm"]
     inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z - cz) / rz) ** 2 <= 1.0
+    cal = truth["patients"][pid]["pet"]["site_calibration"]  # the site scanner's cross-calibration factor
+    assert cal == truth["site_effects"][truth["patients"][pid]["site"]]["pet_calibration"]
+    suv = suv / cal
     expected = truth["patients"][pid]["pet"]["suv_lesion_mean"]
     assert inside.sum() == truth["patients"][pid]["pet"]["lesion_voxels"]
     assert abs(suv[inside].mean() / expected - 1.0) < 0.05

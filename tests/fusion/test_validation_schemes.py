@@ -97,7 +97,7 @@ def test_external_scheme_needs_the_external_block(cohort, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fusion", ["early", "concat", "gated_attention", "bilinear", "tensor", "cross_attention",
-                                    "late"])
+                                    "late", "late_stacking"])
 def test_every_fusion_strategy_trains_with_missing_modalities(cohort, tmp_path, fusion):
     run = tmp_path / "run"
     cfg = _cfg(cohort, tmp_path, fusion={"name": fusion}, training={"modality_dropout": 0.3})
@@ -131,10 +131,31 @@ def test_all_censored_training_fold_is_a_clear_error(cohort, tmp_path, capsys):
     assert "every training patient is censored" in capsys.readouterr().err
 
 
-def test_site_stratified_sampling_and_cfnet_continuous_confounder(cohort, tmp_path):
+def test_site_stratified_sampling_with_the_adversary(cohort, tmp_path):
     run = tmp_path / "run"
     cfg = _cfg(cohort, tmp_path, training={"sampling": "site_stratified"},
                data={"confounders": ["site", "scanner"]},
                adversary={"enabled": True, "confounders": ["site"], "steps": 2})
     assert main(["-q", "train", "--config", str(cfg), "--out", str(run)]) == 0
     assert "site" in json.loads((run / "metrics.json").read_text())["confounder_probe_auc"]
+
+
+def test_parameter_sharing_pulls_the_image_encoders_together(cohort, tmp_path):
+    import torch
+
+    def distance(run):
+        sd = torch.load(run / "checkpoint.pt", weights_only=True)["state_dict"]
+        keys = [k for k in sd if k.startswith("encoders.ct.") and sd[k].is_floating_point()]
+        return sum(float(((sd[k] - sd[k.replace("encoders.ct.", "encoders.mri.")]) ** 2).sum()) for k in keys)
+
+    d, first_loss = {}, {}
+    for w in (0.0, 10.0):
+        run = tmp_path / f"run_{w}"
+        cfg = _cfg(cohort, tmp_path, name=f"ps_{w}",
+                   training={"parameter_sharing": w, "epochs": 15, "patience": 15, "lr": 0.02})
+        assert main(["-q", "train", "--config", str(cfg), "--out", str(run)]) == 0
+        d[w] = distance(run)
+        first_loss[w] = json.loads((run / "history.json").read_text())["fused"][0]["loss"]
+    # same seed, same initial weights: the penalty is in the training loss, and the encoders end closer
+    assert first_loss[10.0] > first_loss[0.0] + 1.0
+    assert d[10.0] < d[0.0]
