@@ -4,10 +4,12 @@ Commands::
 
     radfusion demo [--out DIR] [--patients N] [--seed K]
     radfusion make-demo-cohort --out DIR [--patients N] [--sites S] [--seed K]
-    radfusion train --config CFG --out RUN [--overwrite]
+    radfusion train --config CFG --out RUN [--overwrite | --resume]
     radfusion evaluate --run RUN
     radfusion inspect-image PATH [--json]
     radfusion score-pathways --expr FILE --gene-sets GMT [--method ssgsea|gsva] [--backend fast|gseapy] --out FILE
+    radfusion explain --run RUN --patient ID [--out DIR] [--repeats N]
+    radfusion app --run RUN [--host 127.0.0.1] [--port 8501]
 
 Bad input exits with status 2 and a one-line message naming the file, row,
 patient and field; set ``RADFUSION_DEBUG=1`` to get the full traceback instead.
@@ -38,7 +40,7 @@ def _cmd_train(args) -> int:
     from fusion.experiment import run_experiment, summary_table
 
     cfg = load_config(args.config)
-    metrics = run_experiment(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    metrics = run_experiment(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume)
     print(summary_table(metrics))
     print(f"\nrun folder: {args.out}")
     return 0
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--overwrite", action="store_true", help="allow a non-empty run folder")
+    t.add_argument("--resume", action="store_true",
+                   help="continue a killed run in --out from its last completed epoch (same config required)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="re-evaluate a run folder from its checkpoints")
@@ -110,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print metrics.json")
     e.set_defaults(func=_cmd_evaluate)
 
-    from apps import inspect_image, score_pathways
+    from apps import app, explain, inspect_image, score_pathways
 
     inspect_image.add_parser(sub)
     score_pathways.add_parser(sub)
+    explain.add_parser(sub)
+    app.add_parser(sub)
     return p
 
 
