@@ -72,7 +72,8 @@ def part_strategies(cohort: Path, out: Path) -> dict:
                  or _accepts(FusionConfig, s)]
     res, single = {}, {}
     for s in available:
-        cfg = _cfg("demo", cohort, fusion={"name": s}, evaluation={"ablation": s == "concat"})
+        name = "demo" if s == "concat" else f"demo_{s}"  # the shipped per-strategy configs
+        cfg = _cfg(name, cohort, evaluation={"ablation": s == "concat"})
         m = _run(cfg, out / f"strategy_{s}")
         res[s] = m["c_index"]
         if s == "concat":

@@ -505,10 +505,15 @@ def concat_cohorts(a: Cohort, b: Cohort, *, b_name: str = "external") -> Cohort:
         import anndata as ad
 
         out.omics_adata = ad.concat([a.omics_adata, b.omics_adata], join="inner", merge="same")
-    for f in ("ehr_events", "clinical_table"):
-        x, y = getattr(a, f), getattr(b, f)
-        if x is not None:
-            setattr(out, f, pd.concat([x, y]) if y is not None else x)
+    if a.ehr_events is not None:
+        out.ehr_events = pd.concat([a.ehr_events, b.ehr_events]) if b.ehr_events is not None else a.ehr_events
+    if a.clinical_table is not None:
+        # each table holds every row of its file (the two cohorts may share one file): keep one row per patient,
+        # the development table's for development patients and the external table's for external ones
+        x, y = a.clinical_table, b.clinical_table
+        x = x[x.index.isin(a.patient_ids)]
+        y = y[y.index.isin(b.patient_ids)] if y is not None else y
+        out.clinical_table = pd.concat([x, y]) if y is not None else x
     return out
 
 

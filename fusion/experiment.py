@@ -443,19 +443,7 @@ def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -
     # Audit: can each confounder be read off the fused embedding (probe cross-validated)?  Hold-out runs:
     # every patient.  Leave-one-site-out: the training sites' patients (train + validation), since the
     # held-out site is a category the model never saw and the test set holds that one site only.
-    all_patients = cfg.split.scheme in ("holdout", "kfold")
-    probe_splits = [k_ for k_ in splits if all_patients or k_ != "test"]
-    order = np.concatenate([splits[k_] for k_ in probe_splits])
-    emb = np.concatenate([preds["fused"][k_]["embedding"] for k_ in probe_splits])
-    probe_auc, probe_r2 = {}, {}
-    for c, vals in cohort.confounders.items():
-        if c in cfg.adversary.continuous:
-            r2 = confounder_probe(emb, pd.to_numeric(pd.Series(vals[order]), errors="coerce").to_numpy(),
-                                  continuous=True, seed=cfg.seed)
-            probe_r2[c] = None if r2 is None else round(r2, 4)
-        else:
-            auc = confounder_probe(emb, vals[order], seed=cfg.seed)
-            probe_auc[c] = None if auc is None else round(auc, 4)
+    probe_auc, probe_r2, all_patients = _confounder_probes(cfg, cohort, splits, preds["fused"])
     # Reviewer metrics (scikit-survival): Uno's C, time-dependent AUC, IBS, calibration; per-site bootstrap CIs.
     from fusion.evaluation import per_group_table, plot_calibration, plot_td_auc, survival_metrics
 
@@ -492,6 +480,29 @@ def _evaluate(cfg, cohort: Cohort, splits, tensors, models, device, out: Path) -
         "split_scheme": cfg.split.scheme,
         "seed": cfg.seed,
     }
+
+
+def _confounder_probes(cfg, cohort: Cohort, splits: dict, fused_preds: dict) -> tuple[dict, dict, bool]:
+    """Cross-validated linear probes of every confounder on the fused embedding.
+
+    Hold-out and k-fold runs probe every patient; leave-one-site-out and
+    external runs the training cohort (train + validation), since the held-out
+    site is a category the model never saw.  Returns (AUCs, R^2s, all_patients).
+    """
+    all_patients = cfg.split.scheme in ("holdout", "kfold")
+    probe_splits = [k_ for k_ in splits if all_patients or k_ != "test"]
+    order = np.concatenate([splits[k_] for k_ in probe_splits])
+    emb = np.concatenate([fused_preds[k_]["embedding"] for k_ in probe_splits])
+    probe_auc, probe_r2 = {}, {}
+    for c, vals in cohort.confounders.items():
+        if c in cfg.adversary.continuous:
+            r2 = confounder_probe(emb, pd.to_numeric(pd.Series(vals[order]), errors="coerce").to_numpy(),
+                                  continuous=True, seed=cfg.seed)
+            probe_r2[c] = None if r2 is None else round(r2, 4)
+        else:
+            auc = confounder_probe(emb, vals[order], seed=cfg.seed)
+            probe_auc[c] = None if auc is None else round(auc, 4)
+    return probe_auc, probe_r2, all_patients
 
 
 def _proba64(p: np.ndarray) -> np.ndarray:
@@ -610,19 +621,7 @@ def _evaluate_classification(cfg, cohort: Cohort, splits, tensors, models, devic
             rows.append(row)
     pd.DataFrame(rows).to_csv(out / "predictions.csv", index=False)
     # Confounder probes on the fused embedding (as for survival).
-    all_patients = cfg.split.scheme in ("holdout", "kfold")
-    probe_splits = [k_ for k_ in splits if all_patients or k_ != "test"]
-    order = np.concatenate([splits[k_] for k_ in probe_splits])
-    emb = np.concatenate([preds["fused"][k_]["embedding"] for k_ in probe_splits])
-    probe_auc, probe_r2 = {}, {}
-    for c, vals in cohort.confounders.items():
-        if c in cfg.adversary.continuous:
-            r2 = confounder_probe(emb, pd.to_numeric(pd.Series(vals[order]), errors="coerce").to_numpy(),
-                                  continuous=True, seed=cfg.seed)
-            probe_r2[c] = None if r2 is None else round(r2, 4)
-        else:
-            auc = confounder_probe(emb, vals[order], seed=cfg.seed)
-            probe_auc[c] = None if auc is None else round(auc, 4)
+    probe_auc, probe_r2, all_patients = _confounder_probes(cfg, cohort, splits, preds["fused"])
     return {
         "task": "classification",
         "auc": ablation["fused"],

@@ -336,6 +336,24 @@ class FusionModel(nn.Module):
         return out
 
 
+class Standardised(nn.Module):
+    """A parameter-free feature extractor followed by per-feature standardisation (BatchNorm without
+    affine parameters: batch statistics in training, running training statistics at prediction), so the
+    raw features of early fusion (SUV, HU fractions, lab values, counts) enter the MLP on one scale."""
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.out_dim = extractor.out_dim
+        self.norm = nn.BatchNorm1d(self.out_dim, affine=False)
+
+    def forward(self, x):
+        z = self.extractor(x)
+        if self.training and z.shape[0] < 2:  # one patient in the batch: no batch statistics
+            return (z - self.norm.running_mean) / torch.sqrt(self.norm.running_var + self.norm.eps)
+        return self.norm(z)
+
+
 #: ``fusion.name: early`` replaces each modality's encoder by the parameter-free extractor of its family
 #: (encoders/early.py) and fuses the concatenated raw features with one MLP (the ``concat`` strategy).
 EARLY_EXTRACTORS = {"image3d": "image_pool", "tabular": "identity", "sequence": "ehr_summary"}
@@ -391,6 +409,8 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
                 elif mc.encoder == "pathway_mlp_glasso":
                     kwargs.setdefault("feature_names", omics_structure["feature_names"])
             encoders[m] = create_encoder(mc.encoder, input_dims[m], mc.out_dim, **kwargs)
+        if early:
+            encoders[m] = Standardised(encoders[m])
     fusion = create_fusion(
         "concat" if early else cfg.fusion.name, {m: e.out_dim for m, e in encoders.items()}, cfg.fusion.hidden,
         dropout=cfg.fusion.dropout, **cfg.fusion.kwargs,
