@@ -236,6 +236,13 @@ def train_model(
     use_amp = bool(getattr(cfg, "amp", False)) and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    # With an adversary, only epochs where the DANN schedule has reached 90% of its strength are model-
+    # selection candidates: the validation patients come from the training sites, where a confounder
+    # shortcut still works, so selecting over the ramp-up would pick the epochs before the confounder is
+    # removed.  lambda_p >= 0.9 lambda_max <=> p >= ln(19) / gamma (gamma = 10).
+    select_from = 0
+    if adversary is not None and lambda_max > 0:
+        select_from = min(cfg.epochs - 1, int(math.ceil(cfg.epochs * math.log(19.0) / 10.0)))
     step, start_epoch = 0, 0
     best_c, best_state, best_epoch, bad = -np.inf, None, -1, 0
     history: list[dict] = []
@@ -292,7 +299,10 @@ def train_model(
         metric, c = validation_score(model, val, pv)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), metric: c})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{metric: f"{c:.3f}"})
-        if c > best_c + 1e-6:
+        history[-1]["adversary_lambda"] = float(adversary.lambd) if adversary is not None else None
+        if epoch < select_from:
+            pass  # adversary still ramping up: not a candidate, no patience used
+        elif c > best_c + 1e-6:
             best_c, best_epoch, bad = c, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
