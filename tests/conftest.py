@@ -10,8 +10,33 @@ fails the run.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+
+def _demo_phi_values(cohort: Path) -> set[str]:
+    """Every planted PHI string (DICOM PatientName and its parts, PatientID, PatientBirthDate,
+    PatientAddress; >= 4 characters) in a demo cohort's image headers."""
+    import pydicom
+
+    values = set()
+    for f in (Path(cohort) / "images").rglob("*"):
+        if f.is_file() and f.suffix != ".gz":
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress"):
+                v = str(ds.get(kw, "") or "")
+                if len(v) >= 4:
+                    values.add(v)
+                    if kw == "PatientName":
+                        values.update(p for p in v.split("^") if len(p) >= 4)
+    return values
+
+
+@pytest.fixture
+def demo_phi():
+    """``demo_phi(cohort) -> set[str]``: the PHI planted in a demo cohort's DICOM headers."""
+    return _demo_phi_values
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 import yaml
 from streamlit.testing.v1 import AppTest
@@ -76,20 +75,6 @@ def complete_test_patient(cohort: Path, run: ad.RunInfo) -> str:
 def explained(app_run, run_info):
     """The patient whose explanation the tests compute through the app (and test_app_browser.py reuses)."""
     return complete_test_patient(app_run[0], run_info)
-
-
-def _phi_values(cohort: Path) -> set[str]:
-    values = set()
-    for f in (cohort / "images").rglob("*"):
-        if f.is_file() and f.suffix != ".gz":
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress"):
-                v = str(ds.get(kw, "") or "")
-                if len(v) >= 4:
-                    values.add(v)
-                    if kw == "PatientName":
-                        values.update(p for p in v.split("^") if len(p) >= 4)
-    return values
 
 
 def _app(run: Path | str | None, monkeypatch) -> AppTest:
@@ -435,9 +420,9 @@ def test_patient_view_when_the_explanation_fails(app_run, run_info, explained, m
     assert not (app_run[1] / "explanations" / patient / "explanation.json").exists()
 
 
-def test_no_phi_in_rendered_pages(app_run, explained, monkeypatch):
+def test_no_phi_in_rendered_pages(app_run, explained, monkeypatch, demo_phi):
     cohort, run = app_run
-    phi = _phi_values(cohort)
+    phi = demo_phi(cohort)
     assert len(phi) > 48
     manifest_ids = set(pd.read_csv(cohort / "manifest.csv")["patient_id"])
     at = _app(run, monkeypatch).run()

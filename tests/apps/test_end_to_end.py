@@ -4,7 +4,6 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import pydicom
 import pytest
 import yaml
 
@@ -59,22 +58,8 @@ def test_run_folder_contents(small_run):
     assert len(preds) == 48 and preds["patient"].str.startswith("P-").all()
 
 
-def _phi_values(cohort: Path) -> set[str]:
-    values = set()
-    for f in (cohort / "images").rglob("*"):
-        if f.is_file() and f.suffix != ".gz":
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress"):
-                v = str(ds.get(kw, "") or "")
-                if len(v) >= 4:
-                    values.add(v)
-                    if kw == "PatientName":
-                        values.update(p for p in v.split("^") if len(p) >= 4)
-    return values
-
-
-def test_no_phi_in_run_folder(small_cohort, small_run):
-    phi = _phi_values(small_cohort)
+def test_no_phi_in_run_folder(small_cohort, small_run, demo_phi):
+    phi = demo_phi(small_cohort)
     assert len(phi) > 48  # names, MRNs, birth dates, addresses were planted
     manifest_ids = set(pd.read_csv(small_cohort / "manifest.csv")["patient_id"])
     leaks = []

@@ -447,29 +447,13 @@ def test_grad_cam_on_a_trained_run(trained):
     assert non_constant > 0
 
 
-def _phi_values(cohort: Path) -> set[str]:
-    import pydicom
-
-    values = set()
-    for f in (cohort / "images").rglob("*"):
-        if f.is_file() and f.suffix != ".gz":
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress"):
-                v = str(ds.get(kw, "") or "")
-                if len(v) >= 4:
-                    values.add(v)
-                    if kw == "PatientName":
-                        values.update(p for p in v.split("^") if len(p) >= 4)
-    return values
-
-
 _SCHEMA = {"patient", "fold", "split", "site", "risk", "risk_group", "risk_percentile", "survival_curve", "ood",
            "modality_shapley", "feature_shap", "gradcam", "stability", "pathway_scores",
            "pathway_scores_cohort_percentile"}
 
 
 @pytest.mark.slow
-def test_cli_explain_writes_report_without_phi(small_run, capsys):
+def test_cli_explain_writes_report_without_phi(small_run, capsys, demo_phi):
     from apps.explain import add_parser, cmd_explain
 
     cohort, run = small_run
@@ -520,7 +504,7 @@ def test_cli_explain_writes_report_without_phi(small_run, capsys):
     assert (out / "modality_shapley.png").is_file()
 
     # no manifest patient_id or DICOM PHI in anything written
-    phi = _phi_values(cohort) | set(pd.read_csv(cohort / "manifest.csv")["patient_id"])
+    phi = demo_phi(cohort) | set(pd.read_csv(cohort / "manifest.csv")["patient_id"])
     assert len(phi) > 48
     leaks = [(f.name, v) for f in out.rglob("*") if f.is_file() for v in phi if v.encode() in f.read_bytes()]
     assert not leaks, leaks[:5]
