@@ -5,10 +5,11 @@ Commands::
     radfusion demo [--out DIR] [--patients N] [--seed K]
     radfusion make-demo-cohort --out DIR [--patients N] [--sites S] [--seed K]
     radfusion train --config CFG --out RUN [--overwrite | --resume]
+    torchrun --nproc_per_node N -m apps.cli train --config CFG --out RUN   # data-parallel (DDP)
     radfusion evaluate --run RUN
     radfusion inspect-image PATH [--json]
     radfusion score-pathways --expr FILE --gene-sets GMT [--method ssgsea|gsva] [--backend fast|gseapy] --out FILE
-    radfusion explain --run RUN --patient ID [--out DIR] [--repeats N]
+    radfusion explain --run RUN --patient ID [--out DIR] [--repeats N] [--cam gradcam|gradcampp|hirescam]
     radfusion app --run RUN [--host 127.0.0.1] [--port 8501]
 
 Bad input exits with status 2 and a one-line message naming the file, row,
@@ -40,9 +41,53 @@ def _cmd_train(args) -> int:
     from fusion.experiment import run_experiment, summary_table
 
     cfg = load_config(args.config)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _train_distributed(cfg, args)
     metrics = run_experiment(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume)
     print(summary_table(metrics))
     print(f"\nrun folder: {args.out}")
+    return 0
+
+
+def _train_distributed(cfg, args) -> int:
+    """``torchrun --nproc_per_node N -m apps.cli train ...``: data-parallel training (DDP).
+
+    Every process reads the cohort and runs the same experiment; the models
+    train with ``DistributedDataParallel`` (see :mod:`fusion.train`).  Rank 0
+    writes the run folder; the other ranks write into a temporary folder that
+    is removed at the end.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+
+    from fusion.experiment import run_experiment, summary_table
+
+    if args.resume:
+        raise ValueError("--resume is not supported for a distributed (torchrun) run; resume with one process "
+                         "or start a fresh run folder")
+    cuda = torch.cuda.is_available() and cfg.training.device in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    scratch = None
+    try:
+        out = args.out
+        if rank != 0:
+            scratch = tempfile.mkdtemp(prefix=f"radfusion_rank{rank}_")
+            out = Path(scratch) / "run"
+        metrics = run_experiment(cfg, out, progress=rank == 0 and not args.quiet, overwrite=args.overwrite)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if rank == 0:
+        print(summary_table(metrics))
+        print(f"\nrun folder: {args.out} ({int(os.environ['WORLD_SIZE'])} processes)")
     return 0
 
 

@@ -44,6 +44,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5,
                    help="repeats of the stability analysis (default 5; 0 or 1 skips it)")
     p.add_argument("--seed", type=int, default=0, help="seed of SHAP sampling and perturbations")
+    p.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcampp", "hirescam"],
+                   help="class-activation map of the images: Grad-CAM (default), Grad-CAM++ or HiResCAM "
+                        "(gradient x activation per voxel, exact for a globally pooled target layer)")
     p.set_defaults(func=cmd_explain)
     return p
 
@@ -107,7 +110,7 @@ def cmd_explain(args) -> int:
         return 2
     out = Path(args.out) if getattr(args, "out", None) else run / "explanations" / args.patient
     result = explain_run(run, args.patient, out, n_repeats=repeats, seed=getattr(args, "seed", 0),
-                         progress=not getattr(args, "quiet", False))
+                         progress=not getattr(args, "quiet", False), cam_method=getattr(args, "cam", "gradcam"))
     print(summary(result))
     print(f"\nexplanation written to {out}")
     return 0

@@ -25,14 +25,20 @@ On the test patients of a trained demo run this prints one table with:
   features in the global importance (informative gene sets among all
   pathways; informative labs among the EHR variables; age and stage vs sex
   among the clinical covariates);
-* Grad-CAM (:func:`fusion.explain.grad_cam`): per image modality, the fraction
-  of patients with a hit (centre of mass of the top-10% voxels inside the
-  one-voxel-dilated lesion mask) and the mean fraction of the top-10% voxels
-  inside the lesion, vs chance (lesion fraction of the crop / of the dilated
-  mask).  The lesion mask is the planted *CT* lesion: the MR signal
-  (``oedema``) is a rim of up to 6 mm *around* it, and the CT carries a
-  body-wide scanner shortcut (HU offset, noise), so a faithful Grad-CAM need
-  not sit inside the mask for MR and CT;
+* class-activation maps (:func:`fusion.explain.grad_cam`: Grad-CAM, Grad-CAM++
+  and HiResCAM) and, for the first ``--occlusion-patients`` patients, MONAI
+  occlusion sensitivity (:func:`fusion.explain.occlusion_map`, the
+  model-agnostic reference of what the model reads): per image modality the
+  share of patients whose top-10% voxels have their centre of mass in the
+  one-voxel-dilated lesion ("hit"; the crop is centred on the lesion, so a
+  diffuse map around the centre also hits), whose top-10% voxels cover at
+  least half of the lesion ("covers"), whose maximum is in the dilated lesion
+  ("peak", the pointing game), the mean fraction of the top-10% voxels inside
+  the lesion vs chance, and the Spearman correlation with the occlusion map.
+  The lesion mask is the planted *CT* lesion: the MR signal (``oedema``) is a
+  rim of up to 6 mm *around* it, and the CT carries a body-wide scanner
+  shortcut (HU offset, noise), so a faithful map need not sit inside the mask
+  for MR and CT;
 * stability (:func:`fusion.explain.explanation_stability`) on a few test
   patients;
 * note on omics: interventional SHAP attributes what the *model* does with
@@ -49,6 +55,7 @@ Run::
     python benchmarks/explanations.py [--patients 400] [--out DIR]
     python benchmarks/explanations.py --run RADFUSION_DEMO/run      # reuse `radfusion demo --out RADFUSION_DEMO`
     python benchmarks/explanations.py --out DIR --modality-dropout 0.3   # same cohort, model trained on subsets
+    python benchmarks/explanations.py --run RUN --occlusion-patients 0   # skip the (slow) occlusion reference
 
 Without ``--run`` a demo cohort is generated in ``OUT/cohort`` (kept if
 already there) and the fused model is trained with ``configs/demo.yaml``
@@ -69,6 +76,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+#: class-activation maps compared (fusion.explain.grad_cam methods)
+CAM_METHODS = ("gradcam", "gradcampp", "hirescam")
 #: modality -> (factor unique to it, its coefficient)
 PLANTED = {"ct": ("tumour", 1.0), "pet": ("metabolic", 0.9), "omics": ("immune", 0.9),
            "ehr": ("inflammation", 0.9), "mri": ("oedema", 0.7), "clinical": ("age", 0.4)}
@@ -138,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--background-size", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--occlusion-patients", type=int, default=30,
+                    help="compute occlusion sensitivity (the model-agnostic reference) for this many test patients")
     ap.add_argument("--modality-dropout", type=float, default=None,
                     help="train with this training.modality_dropout (default: configs/demo.yaml's, 0); the model then "
                          "sees modality subsets in training, which modality Shapley values evaluate")
@@ -167,7 +178,9 @@ def main(argv=None) -> int:
     stab: dict[str, list[float]] = {"modality_shapley": [], "feature_shap": [], "gradcam": []}
     t_per: dict[str, list[float]] = {"modality_shapley": [], "feature_shap": [], "gradcam": [], "stability": []}
     n_explained = 0
+    n_occluded = 0
     truth = None
+    from scipy.stats import spearmanr
     for fold in fold_dirs(run):
         t0 = time.perf_counter()
         tf = load_trained_fold(fold, ablation=False)
@@ -199,18 +212,29 @@ def main(argv=None) -> int:
                 if m not in ms["absent"]:
                     shap_abs.setdefault(m, []).append(abs(v))
             t0 = time.perf_counter()
+            with_occlusion = n_occluded < args.occlusion_patients
             for m in ("ct", "pet", "mri"):
                 if m in ms["absent"] or m not in model.modalities:
                     continue
-                heat = X.grad_cam(model, b, m)
-                loc = X.localisation(heat, tf.cohort.rois[m][ci])
-                if loc["chance_fraction"] is None:
+                roi = tf.cohort.rois[m][ci]
+                if not roi.any():
                     continue
-                d = cam.setdefault(m, {"hit": [], "frac": [], "chance": [], "chance_hit": []})
-                d["hit"].append(bool(loc["hit"]))
-                d["frac"].append(loc["top10_fraction_in_lesion"] or 0.0)
-                d["chance"].append(loc["chance_fraction"])
-                d["chance_hit"].append(loc["chance_hit"])
+                maps = {meth: X.grad_cam(model, b, m, method=meth) for meth in CAM_METHODS}
+                if with_occlusion:
+                    maps["occlusion"] = X.occlusion_map(model, b, m)
+                for meth, heat in maps.items():
+                    loc = X.localisation(heat, roi)
+                    d = cam.setdefault((m, meth), {k: [] for k in ("hit", "frac", "chance", "chance_hit", "cover",
+                                                                   "peak", "rho_occ")})
+                    d["hit"].append(bool(loc["hit"]))
+                    d["frac"].append(loc["top10_fraction_in_lesion"] or 0.0)
+                    d["chance"].append(loc["chance_fraction"])
+                    d["chance_hit"].append(loc["chance_hit"])
+                    d["cover"].append(loc["lesion_in_top"] or 0.0)
+                    d["peak"].append(bool(loc["peak_hit"]))
+                    if "occlusion" in maps and meth != "occlusion":
+                        d["rho_occ"].append(float(spearmanr(heat.ravel(), maps["occlusion"].ravel()).statistic))
+            n_occluded += int(with_occlusion)
             t_per["gradcam"].append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
@@ -270,10 +294,16 @@ def main(argv=None) -> int:
     if "clinical" in global_rank:
         lines.append(f"feature SHAP clinical: order {global_rank['clinical']} (sex is not prognostic)")
     lines.append("")
-    lines.append(f"{'Grad-CAM':<10}{'n':>5}{'hit rate':>10}{'chance':>8}{'top10% in lesion':>18}{'chance':>8}")
-    for m, d in cam.items():
-        lines.append(f"{m:<10}{len(d['hit']):>5}{np.mean(d['hit']):>10.2f}{np.mean(d['chance_hit']):>8.3f}"
-                     f"{np.mean(d['frac']):>18.3f}{np.mean(d['chance']):>8.3f}")
+    lines.append("Localisation of the top-10% voxels (per patient; share of patients, or mean):")
+    lines.append("  hit = their centre of mass in the lesion (dilated 1 voxel); covers = >= half the lesion's voxels")
+    lines.append("  are among them; peak = the maximum in the dilated lesion; rho occ = Spearman with occlusion")
+    lines.append(f"{'modality':<9}{'map':<11}{'n':>4}{'hit':>6}{'chance':>7}{'covers':>8}{'peak':>6}"
+                 f"{'top10% in lesion':>18}{'chance':>7}{'rho occ':>9}")
+    for (m, meth), d in sorted(cam.items()):
+        rho = f"{np.mean(d['rho_occ']):>9.2f}" if d["rho_occ"] else f"{'':>9}"
+        lines.append(f"{m:<9}{meth:<11}{len(d['hit']):>4}{np.mean(d['hit']):>6.2f}{np.mean(d['chance_hit']):>7.3f}"
+                     f"{np.mean(np.array(d['cover']) >= 0.5):>8.2f}{np.mean(d['peak']):>6.2f}"
+                     f"{np.mean(d['frac']):>18.3f}{np.mean(d['chance']):>7.3f}{rho}")
     lines.append("")
 
     def fmt(v):

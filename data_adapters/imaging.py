@@ -1435,8 +1435,9 @@ def _resample_separable(arr: np.ndarray, axes: list[tuple[float, float, int, flo
 
 
 def preprocess(
-    volume: Volume, mask: np.ndarray | None, params: ImagingParams, *, patient: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    volume: Volume, mask: np.ndarray | None, params: ImagingParams, *, patient: str | None = None,
+    return_grid: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
     """Resample a volume onto a fixed grid around the ROI and normalise it by physics.
 
     The target grid has ``params.spacing`` and ``params.size`` (x, y, z), the
@@ -1472,6 +1473,8 @@ def preprocess(
         Target grid and normalisation.
     patient
         Study patient ID, only used in error messages.
+    return_grid
+        Also return the target grid's geometry.
 
     Returns
     -------
@@ -1479,6 +1482,11 @@ def preprocess(
         float32, shape (1, size_z, size_y, size_x).
     roi : numpy.ndarray
         bool, shape (size_z, size_y, size_x); all False without a mask.
+    grid : dict
+        Only with ``return_grid``: ``spacing``, ``origin`` (mm) and
+        ``direction`` (row-major 3x3) of the output grid in SimpleITK's
+        (x, y, z) / LPS convention, so an array on this grid (a Grad-CAM map)
+        can be written as an image that overlays the original scan.
     """
     if not isinstance(params, ImagingParams):
         raise TypeError(f"params: expected ImagingParams, got {type(params).__name__}")
@@ -1547,6 +1555,10 @@ def preprocess(
         roi = _resample_separable(mask[crop], axes, False, nearest=True)
     else:
         roi = np.zeros(tuple(int(v) for v in out_size[::-1]), dtype=bool)
+    if return_grid:
+        grid = {"spacing": [float(v) for v in out_spacing], "origin": [float(v) for v in out_origin],
+                "direction": [float(v) for v in np.asarray(d, dtype=np.float64).ravel()]}
+        return image, roi, grid
     return image, roi
 
 
@@ -1567,12 +1579,16 @@ class PreprocessedVolume:
         Salted UID hashes of the image (and ``mask.*`` of a DICOM mask).
     cache_hit
         True when read from the cache without decoding any image.
+    grid
+        Geometry of the arrays' grid in the scan's physical space
+        (``spacing``, ``origin``, ``direction``; see :func:`preprocess`).
     """
 
     image: np.ndarray
     roi: np.ndarray
     uid_hashes: dict[str, str]
     cache_hit: bool
+    grid: dict | None = None
 
     def __repr__(self) -> str:
         return (f"PreprocessedVolume(image={tuple(self.image.shape)}, roi={tuple(self.roi.shape)}, "
@@ -1662,7 +1678,7 @@ class VolumeCache:
     invalidates the stored UID hashes), and the SHA-256 of the bytes of every
     input file of the image and the mask (sorted, so file names and listing
     order do not matter).  Entries live at ``<root>/<key[:2]>/<key>.npz``
-    (arrays ``image``, ``roi``) and ``<key>.json`` (UID hashes, version),
+    (arrays ``image``, ``roi``) and ``<key>.json`` (UID hashes, version, grid geometry),
     both written atomically (temporary file + ``os.replace``).  No path, name
     or DICOM tag other than hashed UIDs is stored.
 
@@ -1734,10 +1750,12 @@ class VolumeCache:
             try:
                 with np.load(npz_path, allow_pickle=False) as data:
                     image = data["image"]
-                    roi = data["roi"]
+                    cached_roi = data["roi"]
                 meta = json.loads(json_path.read_text())
-                return PreprocessedVolume(image=image, roi=roi.astype(bool, copy=False),
-                                          uid_hashes=dict(meta["uid_hashes"]), cache_hit=True)
+                if "grid" in meta:  # entries written before the grid was kept are recomputed once
+                    return PreprocessedVolume(image=image, roi=cached_roi.astype(bool, copy=False),
+                                              uid_hashes=dict(meta["uid_hashes"]), cache_hit=True,
+                                              grid=dict(meta["grid"]))
             except (OSError, ValueError, KeyError, json.JSONDecodeError):
                 logger.warning("unreadable cache entry %s; recomputing", key)
 
@@ -1747,11 +1765,11 @@ class VolumeCache:
         if mask_path is not None:
             mask, mask_uids = _read_mask_with_uids(mask_path, volume, roi=roi, patient=patient)
             uid_hashes.update(mask_uids)
-        image, roi = preprocess(volume, mask, params, patient=patient)
+        image, roi, grid = preprocess(volume, mask, params, patient=patient, return_grid=True)
 
         npz_path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"version": PREPROCESS_VERSION, "uid_hashes": uid_hashes,
-                "params": json.loads(params.to_json())}
+                "params": json.loads(params.to_json()), "grid": grid}
         _atomic_write(json_path, lambda fh: fh.write(json.dumps(meta, sort_keys=True).encode()))
         _atomic_write(npz_path, lambda fh: np.savez(fh, image=image, roi=roi))
-        return PreprocessedVolume(image=image, roi=roi, uid_hashes=uid_hashes, cache_hit=False)
+        return PreprocessedVolume(image=image, roi=roi, uid_hashes=uid_hashes, cache_hit=False, grid=grid)

@@ -53,6 +53,9 @@ class Cohort:
     present: np.ndarray  # bool (N, M), columns = modalities
     images: dict[str, np.ndarray] = field(default_factory=dict)  # m -> float32 (N, 1, D, H, W)
     rois: dict[str, np.ndarray] = field(default_factory=dict)  # m -> bool (N, D, H, W)
+    #: m -> per patient, the preprocessed grid's geometry in the scan's physical space
+    #: (``spacing``, ``origin``, ``direction``; None where the image is absent)
+    grids: dict[str, list] = field(default_factory=dict)
     omics_raw: pd.DataFrame | None = None  # (N, P) raw ES, NaN rows = absent
     omics_adata: object | None = None  # expression, when scores must be fitted per fold (GSVA, ComBat, genes)
     omics_gene_sets: dict | None = None
@@ -86,7 +89,7 @@ def _load_one(args):
     from data_adapters.imaging import VolumeCache
 
     pv = VolumeCache(cache_root).load_preprocessed(image_path, mask_path, params, roi=roi, patient=patient)
-    return pv.image, pv.roi, pv.uid_hashes, pv.cache_hit
+    return pv.image, pv.roi, pv.uid_hashes, pv.cache_hit, pv.grid
 
 
 def _load_images(cfg, manifest: pd.DataFrame, m: str, cache_root: Path, progress: bool, workers: int):
@@ -145,14 +148,15 @@ def load_cohort(cfg: ExperimentConfig, *, progress: bool = True, workers: int = 
             img = np.zeros((n, 1, *shape), dtype=np.float32)
             roi = np.zeros((n, *shape), dtype=bool)
             hits = 0
+            grids: list[dict | None] = [None] * n
             for i, pid in enumerate(pids):
                 if pid in loaded:
-                    a, r, uids, hit = loaded[pid]
+                    a, r, uids, hit, grids[i] = loaded[pid]
                     img[i], roi[i] = a, r
                     present[i, j] = True
                     uid_hashes[cohort.pseudonyms[i]][m] = dict(uids)
                     hits += int(hit)
-            cohort.images[m], cohort.rois[m] = img, roi
+            cohort.images[m], cohort.rois[m], cohort.grids[m] = img, roi, grids
             report.setdefault("image_cache_hits", {})[m] = hits
         elif m == "omics":
             mc = cfg.modalities[m]
@@ -493,6 +497,7 @@ def concat_cohorts(a: Cohort, b: Cohort, *, b_name: str = "external") -> Cohort:
         present=np.vstack([a.present, b.present]),
         images={m: np.concatenate([a.images[m], b.images[m]]) for m in a.images},
         rois={m: np.concatenate([a.rois[m], b.rois[m]]) for m in a.rois},
+        grids={m: list(a.grids.get(m, [None] * len(a))) + list(b.grids.get(m, [None] * len(b))) for m in a.rois},
         omics_gene_sets=a.omics_gene_sets,
         uid_hashes={**a.uid_hashes, **b.uid_hashes},
         report={"development": a.report, b_name: b.report},

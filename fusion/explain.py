@@ -910,6 +910,32 @@ def gradcam_target_layer(encoder: nn.Module, example: torch.Tensor | None = None
     return (non_pointwise or order)[-1][0]
 
 
+#: Class-activation methods :func:`grad_cam` accepts.
+CAM_METHODS = ("gradcam", "gradcampp", "hirescam")
+
+
+def _hirescam_class():
+    """MONAI ``GradCAM`` with HiResCAM's map (Draelos & Carin 2020): sum over channels of gradient x activation.
+
+    Grad-CAM multiplies each channel's activation map by the channel's
+    *spatially averaged* gradient, so a channel that is active everywhere but
+    read by the head at one place (global max pooling, or a head that compares
+    regions) lights up everywhere.  HiResCAM keeps the gradient per location;
+    for a network whose head pools the target layer globally it is exactly the
+    first-order contribution of each location to the score.
+    """
+    import torch.nn.functional as F
+    from monai.visualize import GradCAM
+
+    class HiResCAM(GradCAM):
+        def compute_map(self, x, class_idx=None, retain_graph=False, layer_idx=-1, **kwargs):
+            _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+            acti, grad = acti[layer_idx], grad[layer_idx]
+            return F.relu((grad * acti).sum(1, keepdim=True))
+
+    return HiResCAM
+
+
 class _RiskAsClassScore(nn.Module):
     """``x -> (1, 1)`` fused risk with ``modality``'s input = ``x`` and the rest of the patient's batch fixed."""
 
@@ -948,7 +974,9 @@ def grad_cam(model: nn.Module, batch: Mapping, modality: str, *, layer: str | No
         Target layer name relative to the encoder (default
         :func:`gradcam_target_layer`).
     method
-        ``"gradcam"`` or ``"gradcampp"`` (Grad-CAM++, Chattopadhyay et al. 2018).
+        ``"gradcam"``, ``"gradcampp"`` (Grad-CAM++, Chattopadhyay et al. 2018)
+        or ``"hirescam"`` (HiResCAM, Draelos & Carin 2020: per-voxel gradient x
+        activation; MONAI's ``GradCAM`` with its channel weighting replaced).
 
     Returns
     -------
@@ -958,8 +986,8 @@ def grad_cam(model: nn.Module, batch: Mapping, modality: str, *, layer: str | No
     """
     from monai.visualize import GradCAM, GradCAMpp
 
-    if method not in ("gradcam", "gradcampp"):
-        raise ValueError(f"method must be 'gradcam' or 'gradcampp', got {method!r}")
+    if method not in CAM_METHODS:
+        raise ValueError(f"method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
     if modality not in getattr(model, "encoders", {}):
         raise ValueError(f"the model has no {modality!r} encoder")
     if not _present_of(batch, modality):
@@ -976,7 +1004,7 @@ def grad_cam(model: nn.Module, batch: Mapping, modality: str, *, layer: str | No
     if layer is None:
         layer = gradcam_target_layer(enc, x)
     wrapper = _RiskAsClassScore(net, b, modality).eval()
-    cam_cls = GradCAMpp if method == "gradcampp" else GradCAM
+    cam_cls = {"gradcam": GradCAM, "gradcampp": GradCAMpp, "hirescam": _hirescam_class()}[method]
     cam = cam_cls(nn_module=wrapper, target_layers=f"model.encoders.{modality}.{layer}",
                   postprocessing=lambda t: t)
     with torch.enable_grad():
@@ -989,17 +1017,63 @@ def grad_cam(model: nn.Module, batch: Mapping, modality: str, *, layer: str | No
     return ((arr - lo) / (hi - lo)).astype(np.float32)
 
 
+class _RiskOfImageBatch(nn.Module):
+    """``x (B, 1, D, H, W) -> (B, 1)`` fused risks, the rest of the one-patient ``batch`` repeated B times."""
+
+    def __init__(self, model: nn.Module, batch: Mapping, modality: str) -> None:
+        super().__init__()
+        self.model = model
+        self._batch = dict(batch)
+        self.modality = modality
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = dict(_replicate(self._batch, len(x)))
+        b[self.modality] = x
+        return self.model(b)["risk"].reshape(-1, 1)
+
+
+def occlusion_map(model: nn.Module, batch: Mapping, modality: str, *, mask_size: int = 4, overlap: float = 0.5,
+                  mode: str = "mean_img", n_batch: int = 64) -> np.ndarray:
+    """Occlusion sensitivity of the fused risk to one image (MONAI ``OcclusionSensitivity``).
+
+    A model-agnostic reference for the class-activation maps: each voxel gets
+    the mean, over the occluding cubes (``mask_size`` voxels, filled with the
+    image mean by default) that cover it, of ``risk(image) - risk(occluded)``,
+    so positive = the region raises the predicted risk.  Costs one forward
+    pass per cube position (about ``(size / (mask_size * (1 - overlap)))^3``).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(D, H, W)`` on the preprocessed grid (not rescaled).
+    """
+    from monai.visualize import OcclusionSensitivity
+
+    if modality not in getattr(model, "encoders", {}):
+        raise ValueError(f"the model has no {modality!r} encoder")
+    if not _present_of(batch, modality):
+        raise ValueError(f"the patient has no {modality!r} image")
+    device = _device_of(model)
+    b = to_device(_strip_targets(_replicate(batch, 1)), device)
+    net = _RiskOfImageBatch(model.eval(), b, modality).eval()
+    x = b[modality].float()
+    occ = OcclusionSensitivity(net, mask_size=mask_size, n_batch=n_batch, verbose=False, mode=mode, overlap=overlap,
+                               activate=False)
+    with torch.no_grad():
+        occ_map, _ = occ(x)
+        base = float(net(x)[0, 0])
+    return (base - occ_map[0, 0].float().cpu().numpy()).astype(np.float32)  # (B, classes, D, H, W)
+
+
 def save_heatmap_nifti(heatmap: np.ndarray, path: str | Path, *, spacing: Sequence[float] | None = None,
                        origin: Sequence[float] | None = None, direction: Sequence[float] | None = None) -> Path:
     """Write a ``(D, H, W)`` heatmap as NIfTI (float32).
 
     ``spacing``/``origin``/``direction`` are in SimpleITK's (x, y, z)
-    convention.  radfusion's preprocessing (``data_adapters.imaging.preprocess``)
-    computes the grid origin and direction but does not keep them
-    (``PreprocessedVolume`` holds only the arrays), so without ``origin`` and
-    ``direction`` the file is on the preprocessed grid with the configured
-    spacing, origin 0 and identity direction: it overlays the preprocessed
-    crop (``gradcam_<m>.npy``'s grid), not the original scan.
+    convention.  With the geometry that ``data_adapters.imaging.preprocess``
+    returns (kept per patient in ``Cohort.grids``) the file lies where the
+    preprocessed crop lies in the scan, so a viewer overlays it on the
+    original image; without it the file has origin 0 and identity direction.
     """
     import SimpleITK as sitk
 
@@ -1039,8 +1113,16 @@ def localisation(heatmap: np.ndarray, roi: np.ndarray, *, top_fraction: float = 
         rounded to a voxel, lies in the mask dilated by one voxel
         (6-connected); ``chance_fraction`` = lesion fraction of the crop (the
         expected fraction for a random map); ``chance_hit`` = fraction of the
-        crop inside the dilated mask; ``None`` values when the mask is empty
-        or the map is constant.
+        crop inside the dilated mask; ``lesion_in_top``: fraction of the
+        lesion's voxels that are among the top voxels (1.0 when the top set
+        contains the whole lesion; a map that is flat over the body gives
+        about ``top_fraction``); ``peak_hit``: the maximum lies in the dilated
+        mask (the "pointing game", Zhang et al. 2016).  ``None`` values when
+        the mask is empty or the map is constant.
+
+        The crop is centred on the lesion, so ``hit`` also counts diffuse maps
+        whose top voxels surround the centre; ``lesion_in_top`` and
+        ``peak_hit`` do not.
     """
     from scipy.ndimage import binary_dilation
 
@@ -1048,7 +1130,8 @@ def localisation(heatmap: np.ndarray, roi: np.ndarray, *, top_fraction: float = 
     roi = np.asarray(roi, dtype=bool)
     if heatmap.shape != roi.shape:
         raise ValueError(f"heatmap {heatmap.shape} and roi {roi.shape} differ in shape")
-    out = {"top10_fraction_in_lesion": None, "hit": None, "chance_fraction": None, "chance_hit": None}
+    out = {"top10_fraction_in_lesion": None, "hit": None, "chance_fraction": None, "chance_hit": None,
+           "lesion_in_top": None, "peak_hit": None}
     if not roi.any():
         return out
     dil = binary_dilation(roi, iterations=1)
@@ -1059,6 +1142,8 @@ def localisation(heatmap: np.ndarray, roi: np.ndarray, *, top_fraction: float = 
     k = max(1, int(math.ceil(top_fraction * heatmap.size)))
     top = np.argsort(-heatmap.ravel(), kind="stable")[:k]
     out["top10_fraction_in_lesion"] = float(roi.ravel()[top].mean())
+    out["lesion_in_top"] = float(np.isin(np.flatnonzero(roi.ravel()), top).mean())
+    out["peak_hit"] = bool(dil.ravel()[top[0]])
     com = np.array(np.unravel_index(top, heatmap.shape), dtype=np.float64).mean(axis=1)
     idx = tuple(int(np.clip(round(c), 0, s - 1)) for c, s in zip(com, heatmap.shape))
     out["hit"] = bool(dil[idx])
@@ -1131,7 +1216,11 @@ def _perturb(batch: Mapping, rng: np.random.Generator, scales: Mapping[str, np.n
 class _Context:
     """What the explanations of one patient of a trained fold share."""
 
-    def __init__(self, trained_fold, pseudonym: str, *, background_size: int, seed: int) -> None:
+    def __init__(self, trained_fold, pseudonym: str, *, background_size: int, seed: int,
+                 cam_method: str = "gradcam") -> None:
+        if cam_method not in CAM_METHODS:
+            raise ValueError(f"cam_method must be one of {', '.join(CAM_METHODS)}, got {cam_method!r}")
+        self.cam_method = cam_method
         self.tf = trained_fold
         self.pseudonym = pseudonym
         pos = {p: i for i, p in enumerate(trained_fold.cohort.pseudonyms)}
@@ -1175,7 +1264,7 @@ class _Context:
                                  nsamples=nsamples, seed=seed)
 
     def cam(self, batch, m: str) -> np.ndarray:
-        return grad_cam(self.model, batch, m)
+        return grad_cam(self.model, batch, m, method=self.cam_method)
 
 
 def _stability(ctx: _Context, *, n_repeats: int, seed: int, nsamples) -> dict:
@@ -1454,7 +1543,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repeats: int = 5, seed: int = 0,
-                    background_size: int = 50, nsamples="auto") -> dict:
+                    background_size: int = 50, nsamples="auto", cam_method: str = "gradcam") -> dict:
     """Explain one patient of a trained fold; write ``explanation.json``, PNGs and Grad-CAM arrays.
 
     Parameters
@@ -1471,6 +1560,8 @@ def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repe
         Seed of the SHAP background draw, sampling and stability noise.
     background_size, nsamples
         Kernel SHAP background size and coalitions (see :func:`feature_shap`).
+    cam_method
+        ``"gradcam"`` (default), ``"gradcampp"`` or ``"hirescam"`` (see :func:`grad_cam`).
 
     Returns
     -------
@@ -1506,7 +1597,7 @@ def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repe
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tf = trained_fold
-    ctx = _Context(tf, pseudonym, background_size=background_size, seed=seed)
+    ctx = _Context(tf, pseudonym, background_size=background_size, seed=seed, cam_method=cam_method)
     cohort, model, device = tf.cohort, ctx.model, tf.device
     i = ctx.index
 
@@ -1562,12 +1653,18 @@ def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repe
         roi = cohort.rois[m][i] if m in cohort.rois else np.zeros(heat.shape, dtype=bool)
         np.save(out_dir / f"gradcam_{m}.npy", heat.astype(np.float16))
         pp = tf.cfg.modalities[m].preprocessing
-        save_heatmap_nifti(heat, out_dir / f"gradcam_{m}.nii.gz", spacing=tuple(pp.spacing) if pp else None)
+        geom = (cohort.grids.get(m) or [None] * len(cohort))[i]
+        if geom is not None:  # on the scan's physical grid: overlays the original image
+            save_heatmap_nifti(heat, out_dir / f"gradcam_{m}.nii.gz", spacing=geom["spacing"], origin=geom["origin"],
+                               direction=geom["direction"])
+        else:
+            save_heatmap_nifti(heat, out_dir / f"gradcam_{m}.nii.gz", spacing=tuple(pp.spacing) if pp else None)
         _plot_gradcam(ctx.batch[m][0, 0].numpy(), heat, roi, out_dir / f"gradcam_{m}.png", f"{title}: {m.upper()}")
         loc = localisation(heat, roi)
         cams[m] = {"npy": f"gradcam_{m}.npy", "png": f"gradcam_{m}.png", "nifti": f"gradcam_{m}.nii.gz",
                    "top10_fraction_in_lesion": loc["top10_fraction_in_lesion"], "hit": loc["hit"],
-                   "chance_fraction": loc["chance_fraction"], "layer": _layer_name(model, m)}
+                   "chance_fraction": loc["chance_fraction"], "layer": _layer_name(model, m),
+                   "method": ctx.cam_method}
     for m, why in ctx.cam_unavailable.items():
         cams[m] = {"npy": None, "png": None, "top10_fraction_in_lesion": None, "hit": None, "unavailable": why}
     timings["gradcam"] = time.perf_counter() - t1

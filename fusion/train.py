@@ -19,6 +19,18 @@ identical metrics to an uninterrupted run.
 Mixed precision (``training.amp``) uses ``torch.autocast`` with bfloat16 on
 CUDA devices that support it (float16 with a gradient scaler otherwise); it is
 ignored on CPU.
+
+Data-parallel training: when a ``torch.distributed`` process group is
+initialised (``torchrun --nproc_per_node N``, see :mod:`apps.cli`), the model is
+wrapped in ``DistributedDataParallel`` (NCCL on GPUs, Gloo on CPU).  Every
+process draws the same shuffled batches from the same seed and trains on its
+share of each (``batch[rank::N]``); gradients are averaged by DDP, so with a
+loss that is a mean over patients (classification) an N-process step equals
+the single-process step on the whole batch.  The Cox partial likelihood is
+computed within each process's share (risk sets of batch_size / N patients).
+The adversary's inner updates are local and its weights are averaged after
+each step; early stopping follows rank 0's validation score; only rank 0
+writes the resume state.
 """
 from __future__ import annotations
 
@@ -177,6 +189,32 @@ def _fault_injection(desc: str, epoch: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size) of an initialised ``torch.distributed`` process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_parameters(module: torch.nn.Module, world: int) -> None:
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in module.parameters():
+            dist.all_reduce(p.data)
+            p.data /= world
+
+
+def _broadcast_float(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
     perm = rng.permutation(n)
     k = max(1, math.ceil(n / batch_size))
@@ -217,7 +255,19 @@ def train_model(
     """
     from pathlib import Path
     seed_everything(seed)
+    rank, world = distributed_context()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     model.to(device)
+    net = model
+    if world > 1:
+        if cfg.batch_size < world:
+            raise ValueError(f"training.batch_size ({cfg.batch_size}) must be >= the number of processes ({world})")
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Missing modalities and modality dropout leave encoders unused in some steps.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     n = train["present"].shape[0]
@@ -273,12 +323,14 @@ def train_model(
             if adversary is not None:
                 adversary.lambd = lambda_max * dann_lambda(min(1.0, step / total_steps))
             step += 1
+            if world > 1:  # every process draws the same batches and takes its own share of each
+                idx = np.asarray(idx)[rank::world]
             b = take(train, idx)
             if augment:
                 b = _augment_batch(b, augment)
             b = to_device(b, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                out = model(b)
+                out = net(b)
             loss = out["loss"].float()
             for mod in model.modules():  # encoder regularisers, e.g. pathway_mlp_glasso's group lasso
                 pen = getattr(mod, "penalty", None)
@@ -294,9 +346,13 @@ def train_model(
                 with torch.no_grad():  # the updated encoders' embedding of this batch
                     z_now = model({k: v for k, v in b.items() if k not in ("time", "event", "label")})["embedding"]
                 adversary_inner_steps(adversary, adv_opt, z_now, b["confounders"], adversary_steps)
+                if world > 1:
+                    _average_parameters(adversary, world)
             losses.append(float(loss.detach()))
         pv = predict(model, val, device=device)
         metric, c = validation_score(model, val, pv)
+        if world > 1:  # rank 0's score decides, so every process stops at the same epoch
+            c = _broadcast_float(c, device)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), metric: c})
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{metric: f"{c:.3f}"})
         history[-1]["adversary_lambda"] = float(adversary.lambd) if adversary is not None else None
@@ -307,7 +363,7 @@ def train_model(
             best_state = copy.deepcopy(model.state_dict())
         else:
             bad += 1
-        if state_path is not None:
+        if state_path is not None and rank == 0:
             save_checkpoint(state_path, {
                 "desc": desc, "seed": seed, "epoch": epoch, "step": step,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),

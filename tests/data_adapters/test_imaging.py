@@ -638,6 +638,34 @@ def test_cache_hit_decodes_nothing(tmp_path, monkeypatch):
     assert second.uid_hashes == first.uid_hashes and "SeriesInstanceUID" in second.uid_hashes
 
 
+def test_cache_keeps_the_grid_geometry_and_upgrades_old_entries(tmp_path):
+    folder, mask = _ct_with_mask(tmp_path)
+    cache = VolumeCache(tmp_path / "cache")
+    params = ImagingParams("ct", spacing=(1.0, 1.0, 2.0), size=(12, 10, 8))
+    first = cache.load_preprocessed(folder, mask, params, roi=1)
+    # the grid puts the arrays where they lie in the scan: SimpleITK resampling of the scan's mask onto it
+    # gives the preprocessed ROI
+    grid = first.grid
+    ref = sitk.Image(12, 10, 8, sitk.sitkUInt8)
+    ref.SetSpacing(grid["spacing"])
+    ref.SetOrigin(grid["origin"])
+    ref.SetDirection(grid["direction"])
+    on_grid = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(mask)), ref, sitk.Transform(),
+                                                   sitk.sitkNearestNeighbor, 0))
+    np.testing.assert_array_equal(on_grid > 0, first.roi)
+    assert cache.load_preprocessed(folder, mask, params, roi=1).grid == grid
+    # an entry written before the grid was kept is recomputed once (with the same ROI selection), then hit
+    key = cache.key(folder, mask, params, roi=1)
+    _, meta_path = cache.paths(key)
+    meta = json.loads(meta_path.read_text())
+    del meta["grid"]
+    meta_path.write_text(json.dumps(meta))
+    again = cache.load_preprocessed(folder, mask, params, roi=1)
+    assert not again.cache_hit and again.grid == grid
+    np.testing.assert_array_equal(again.roi, first.roi)
+    assert cache.load_preprocessed(folder, mask, params, roi=1).cache_hit
+
+
 def test_cache_invalidated_by_params_and_content(tmp_path):
     folder, mask = _ct_with_mask(tmp_path)
     cache = VolumeCache(tmp_path / "cache")

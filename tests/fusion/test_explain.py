@@ -291,6 +291,25 @@ def test_grad_cam_localises_a_planted_blob():
     assert np.mean(fracs) > 3 * np.mean(chance)
     hpp = X.grad_cam(model, _image_batch(xt[:1]), "ct", method="gradcampp")  # Grad-CAM++ variant
     assert hpp.shape == (12, 12, 12) and np.isfinite(hpp).all() and 0.0 <= hpp.min() <= hpp.max() <= 1.0
+    # HiResCAM: relu(sum_c dRisk/dA_c * A_c) at the target layer, upsampled (trilinear) and min-max scaled
+    hits_hr = []
+    for i in range(len(xt)):
+        hr = X.grad_cam(model, _image_batch(xt[i:i + 1]), "ct", method="hirescam")
+        hits_hr.append(bool(X.localisation(hr, mt[i])["hit"]))
+    assert np.mean(hits_hr) >= 0.7, hits_hr
+    layer = X.gradcam_target_layer(model.encoders["ct"], xt[:1])
+    acts = {}
+    handle = model.encoders["ct"].get_submodule(layer).register_forward_hook(lambda mod, inp, out: acts.update(a=out))
+    with torch.enable_grad():
+        risk = model(_image_batch(xt[:1]))["risk"].sum()
+        (g,) = torch.autograd.grad(risk, acts["a"])
+    handle.remove()
+    ref = torch.relu((g * acts["a"]).sum(1, keepdim=True))
+    ref = torch.nn.functional.interpolate(ref, size=(12, 12, 12), mode="trilinear", align_corners=False)[0, 0]
+    ref = ((ref - ref.min()) / (ref.max() - ref.min())).detach().numpy()
+    np.testing.assert_allclose(X.grad_cam(model, _image_batch(xt[:1]), "ct", method="hirescam"), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="gradcam, gradcampp, hirescam"):
+        X.grad_cam(model, _image_batch(xt[:1]), "ct", method="cam")
     # the model is not modified by Grad-CAM (MONAI's hooks go on a copy)
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
 
@@ -325,6 +344,15 @@ def test_grad_cam_on_a_resnet_encoder_and_localisation_edge_cases():
     heat[1:3, 1:3, 1:3] = 1.0
     loc = X.localisation(heat, roi)
     assert loc["top10_fraction_in_lesion"] == 1.0 and loc["hit"] and loc["chance_fraction"] == 8 / 64
+    # top 10% = ceil(6.4) = 7 voxels, all in the 8-voxel lesion; the peak (first in voxel order) is in it
+    assert loc["lesion_in_top"] == 7 / 8 and loc["peak_hit"]
+    # a centred ring around a lesion: the centre of mass is in the lesion, the top voxels and the peak are not
+    big = np.zeros((9, 9, 9), bool)
+    big[4, 4, 4] = True
+    r = np.sqrt(((np.indices((9, 9, 9)) - 4.0) ** 2).sum(axis=0))
+    ring = -np.abs(r - 2.5)  # a shell of radius 2.5 voxels around the one-voxel lesion
+    ring_loc = X.localisation(ring, big)
+    assert ring_loc["hit"] and ring_loc["lesion_in_top"] == 0.0 and not ring_loc["peak_hit"]
 
 
 def test_save_heatmap_nifti(tmp_path):
@@ -453,7 +481,7 @@ _SCHEMA = {"patient", "fold", "split", "site", "risk", "risk_group", "risk_perce
 
 
 @pytest.mark.slow
-def test_cli_explain_writes_report_without_phi(small_run, capsys, demo_phi):
+def test_cli_explain_writes_report_without_phi(small_run, trained, capsys, demo_phi):
     from apps.explain import add_parser, cmd_explain
 
     cohort, run = small_run
@@ -463,7 +491,7 @@ def test_cli_explain_writes_report_without_phi(small_run, capsys, demo_phi):
     # the command is registered with the arguments of the brief
     parser = argparse.ArgumentParser(prog="radfusion")
     add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["explain", "--run", str(run), "--patient", pseudo, "--repeats", "2"])
+    args = parser.parse_args(["explain", "--run", str(run), "--patient", pseudo, "--repeats", "2", "--cam", "hirescam"])
     args.quiet = True
     assert args.func is cmd_explain and args.out is None
     assert cmd_explain(args) == 0
@@ -491,10 +519,37 @@ def test_cli_explain_writes_report_without_phi(small_run, capsys, demo_phi):
         assert (out / f"shap_{m}.png").is_file()
     assert res["gradcam"]
     for m, g in res["gradcam"].items():
-        assert set(g) >= {"npy", "png", "top10_fraction_in_lesion", "hit"}
+        assert set(g) >= {"npy", "png", "top10_fraction_in_lesion", "hit", "method"} and g["method"] == "hirescam"
         heat = np.load(out / g["npy"])
         assert heat.dtype == np.float16 and heat.shape == (16, 16, 16)
         assert (out / g["png"]).is_file()
+    # the NIfTI heatmaps lie where the crop lies in the scan: the original ROI resampled by SimpleITK onto
+    # the heatmap's grid is the ROI the model saw
+    import SimpleITK as sitk
+    from data_adapters.privacy import pseudonymise
+
+    man = pd.read_csv(cohort / "manifest.csv")
+    prow = man[[pseudonymise(p) == pseudo for p in man["patient_id"]]].iloc[0]
+    checked = 0
+    for m, g in res["gradcam"].items():
+        nii = sitk.ReadImage(str(out / g["nifti"]))
+        heat = np.load(out / g["npy"]).astype(np.float32)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(nii), heat, atol=1e-3)
+        assert nii.GetOrigin() != (0.0, 0.0, 0.0)
+        mask = sitk.ReadImage(str(cohort / prow[f"{m}_mask"]))
+        # the mask is drawn on the CT; for PET and MR the adapter first puts it on that scan's own grid
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(cohort / prow[m])))
+        scan = reader.Execute()
+        mask = sitk.Resample(mask, scan, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        on_grid = sitk.GetArrayFromImage(sitk.Resample(mask, nii, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        seen = trained.cohort.rois[m][trained.cohort.pseudonyms.index(pseudo)]
+        ref = on_grid > 0
+        dice = 2.0 * (ref & seen).sum() / (ref.sum() + seen.sum())
+        shift = np.abs(np.argwhere(ref).mean(0) - np.argwhere(seen).mean(0))
+        assert seen.any() and dice > 0.99 and (shift < 0.1).all(), (m, dice, shift)
+        checked += 1
+    assert checked
     st = res["stability"]
     assert st["n_repeats"] == 2 and set(st) >= {"modality_shapley", "feature_shap", "gradcam"}
     for k in ("modality_shapley", "feature_shap", "gradcam"):
@@ -544,3 +599,39 @@ def test_explanation_stability_and_unknown_patient(trained):
         X.explanation_stability(trained, "P-unknown", n_repeats=2)
     with pytest.raises(ValueError, match="n_repeats"):
         X.explanation_stability(trained, pseudo, n_repeats=1)
+
+
+def test_occlusion_map_hand_computed_and_planted_blob():
+    """MONAI occlusion sensitivity through the fused model, on a model whose risk reads one box of the image."""
+    torch.manual_seed(0)
+
+    class MeanInBox(nn.Module):  # risk = mean intensity of a fixed box: only that box matters
+        out_dim = 1
+
+        def forward(self, x):
+            return x[:, :, 2:6, 2:6, 2:6].mean(dim=(1, 2, 3, 4)).unsqueeze(1)
+
+    model = FusionModel({"ct": MeanInBox()}, _Sum(), nn.Identity()).eval()
+    x = 0.1 * torch.rand(1, 1, 12, 12, 12) + 1.0
+    x[:, :, 2:6, 2:6, 2:6] += 1.0  # the box is brighter than the image mean
+    b = _image_batch(x)
+    risk = float(model(b)["risk"])
+    occ = X.occlusion_map(model, b, "ct", mask_size=4, overlap=0.5)
+    assert occ.shape == (12, 12, 12)
+    inside = np.zeros((12, 12, 12), dtype=bool)
+    inside[2:6, 2:6, 2:6] = True
+    far = np.zeros_like(inside)
+    far[8:, 8:, 8:] = True
+    assert np.abs(occ[far]).max() < 1e-6  # cubes that never touch the box change nothing
+    # every cube overlapping the (bright) box lowers the risk
+    assert (occ[inside] > 0).all()
+    assert X.localisation(occ, inside)["hit"] and np.unravel_index(np.argmax(occ), occ.shape) in set(
+        map(tuple, np.argwhere(inside)))
+    # the cube that covers the box exactly, filled with the image mean, by hand
+    y = x.clone()
+    y[:, :, 2:6, 2:6, 2:6] = x.mean()
+    drop = risk - float(model(_image_batch(y))["risk"])
+    assert drop == pytest.approx(float(x[:, :, 2:6, 2:6, 2:6].mean() - x.mean()), rel=1e-5)
+    assert occ.max() <= drop + 1e-5  # no voxel's mean drop exceeds the full-box drop
+    with pytest.raises(ValueError, match="no 'pet' encoder"):
+        X.occlusion_map(model, b, "pet")
