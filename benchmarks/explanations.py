@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     lines.append(f"{'modality':<9}{'map':<11}{'n':>4}{'hit':>6}{'chance':>7}{'covers':>8}{'peak':>6}"
                  f"{'top10% in lesion':>18}{'chance':>7}{'rho occ':>9}")
     for (m, meth), d in sorted(cam.items()):
-        rho = f"{np.mean(d['rho_occ']):>9.2f}" if d["rho_occ"] else f"{'':>9}"
+        rho = f"{np.nanmean(d['rho_occ']):>9.2f}" if d["rho_occ"] else f"{'':>9}"
         lines.append(f"{m:<9}{meth:<11}{len(d['hit']):>4}{np.mean(d['hit']):>6.2f}{np.mean(d['chance_hit']):>7.3f}"
                      f"{np.mean(np.array(d['cover']) >= 0.5):>8.2f}{np.mean(d['peak']):>6.2f}"
                      f"{np.mean(d['frac']):>18.3f}{np.mean(d['chance']):>7.3f}{rho}")
