@@ -240,6 +240,10 @@ class AdversaryConfig(_Strict):
     lambda_max: float = Field(3.0, ge=0.0, description="GRL strength reached at the end of training")
     hidden: int = Field(0, ge=0, description="hidden size of each adversary head; 0 = linear heads")
     steps: int = Field(5, ge=0, description="adversary-only updates per training step")
+    input: Literal["fused", "fused_and_modalities"] = Field(
+        "fused", description="what the adversary reads: the fused embedding, or the fused embedding concatenated "
+                             "with every modality's embedding (zeros where absent), so that no modality encoder "
+                             "keeps the confounder either")
     mode: Literal["reverse", "confusion"] = Field(
         "confusion", description="reverse: DANN gradient reversal of the adversary's loss; confusion: encoders "
                                  "push the adversary's prediction to the class prior (categorical) or to zero "

@@ -129,6 +129,7 @@ class FusionModel(nn.Module):
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: nn.Module, head: nn.Module, *,
                  aux_loss_weight: float = 0.0, modality_dropout: float = 0.0,
                  adversary: nn.Module | None = None, adversary_weight: float = 1.0,
+                 adversary_input: str = "fused",
                  task: str = "cox", ties: str = "efron", cuts: Sequence[float] | None = None,
                  classes: Sequence[str] | None = None, cls_loss: str = "ce", focal_gamma: float = 2.0,
                  class_weights: Sequence[float] | None = None, aux_classes: Sequence[str] | None = None,
@@ -189,6 +190,9 @@ class FusionModel(nn.Module):
         self.modality_dropout = float(modality_dropout)
         self.adversary = adversary
         self.adversary_weight = float(adversary_weight)
+        if adversary_input not in ("fused", "fused_and_modalities"):
+            raise ValueError(f"adversary_input must be 'fused' or 'fused_and_modalities', got {adversary_input!r}")
+        self.adversary_input = adversary_input
         self.aux_heads = nn.ModuleDict(
             {m: nn.Linear(encoders[m].out_dim, n_out) for m in self.modalities} if aux_loss_weight > 0 else {}
         )
@@ -304,7 +308,11 @@ class FusionModel(nn.Module):
             out["aux_logits"] = aux_raw
             out["aux_proba"] = _class_proba(aux_raw, len(self.aux_classes))
         if self.adversary is not None:
-            out["confounder_logits"] = self.adversary(fused)
+            adv_in = fused
+            if self.adversary_input == "fused_and_modalities":
+                adv_in = torch.cat([fused] + [embeddings[m].to(fused.dtype) for m in self.modalities], dim=1)
+            out["adversary_input"] = adv_in
+            out["confounder_logits"] = self.adversary(adv_in)
         task_loss = self._task_loss(raw, batch)
         if task_loss is not None:
             out[_LOSS_NAMES[self.task]] = task_loss
@@ -331,7 +339,7 @@ class FusionModel(nn.Module):
                     out["loss_aux"] = torch.stack(aux).mean()
                     out["loss"] = out["loss"] + self.aux_loss_weight * out["loss_aux"]
             if self.adversary is not None and "confounders" in batch:
-                out["loss_adv"] = self.adversary.encoder_loss(fused, batch["confounders"])
+                out["loss_adv"] = self.adversary.encoder_loss(adv_in, batch["confounders"])
                 out["loss"] = out["loss"] + self.adversary_weight * out["loss_adv"]
         return out
 
@@ -420,13 +428,17 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
     if cfg.adversary.enabled and confounder_kinds:
         from fusion.adversarial import ConfounderAdversary
 
-        adversary = ConfounderAdversary(cfg.fusion.hidden, confounder_kinds, hidden=cfg.adversary.hidden,
+        in_dim = cfg.fusion.hidden
+        if cfg.adversary.input == "fused_and_modalities":
+            in_dim += sum(e.out_dim for e in encoders.values())
+        adversary = ConfounderAdversary(in_dim, confounder_kinds, hidden=cfg.adversary.hidden,
                                         mode=cfg.adversary.mode)
     mt = task.multitask
     classification = kind == "classification"
     return FusionModel(encoders, fusion, head, aux_loss_weight=cfg.fusion.aux_loss_weight,
                        modality_dropout=cfg.training.modality_dropout, adversary=adversary,
-                       adversary_weight=cfg.adversary.weight, task=kind, ties=task.ties, cuts=meta.get("cuts"),
+                       adversary_weight=cfg.adversary.weight, adversary_input=cfg.adversary.input, task=kind,
+                       ties=task.ties, cuts=meta.get("cuts"),
                        classes=meta.get("classes") if classification else None,
                        cls_loss=task.loss if classification else "ce", focal_gamma=task.focal_gamma,
                        class_weights=task.class_weights if classification else None,

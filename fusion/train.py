@@ -344,7 +344,8 @@ def train_model(
             scaler.update()
             if adv_opt is not None and "confounders" in b:
                 with torch.no_grad():  # the updated encoders' embedding of this batch
-                    z_now = model({k: v for k, v in b.items() if k not in ("time", "event", "label")})["embedding"]
+                    z_now = model({k: v for k, v in b.items() if k not in ("time", "event", "label")})[
+                        "adversary_input"]
                 adversary_inner_steps(adversary, adv_opt, z_now, b["confounders"], adversary_steps)
                 if world > 1:
                     _average_parameters(adversary, world)

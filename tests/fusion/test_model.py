@@ -78,3 +78,36 @@ def test_adversary_outputs_and_loss():
     out = m(b)
     assert out["confounder_logits"]["site"].shape == (4, 3)
     torch.testing.assert_close(out["loss"], out["loss_cox"] + 0.5 * out["loss_adv"])
+
+
+def test_adversary_reading_the_modality_embeddings_reaches_each_encoder():
+    """``adversary.input: fused_and_modalities``: the adversary reads [fused, every modality embedding], so its
+    confusion loss gives gradients to an encoder through that encoder's own embedding too."""
+    from fusion.adversarial import ConfounderAdversary
+
+    torch.manual_seed(0)
+    enc = {"clinical": create_encoder("mlp", 3, 4), "omics": create_encoder("mlp", 5, 6)}
+    fusion = create_fusion("concat", {"clinical": 4, "omics": 6}, 8, dropout=0.0)
+    b = {"modalities": ["clinical", "omics"], "present": torch.tensor([[True, True], [True, False]] * 2),
+         "clinical": torch.randn(4, 3), "omics": torch.randn(4, 5), "time": torch.rand(4) + 0.1,
+         "event": torch.tensor([True, False, True, True]), "confounders": {"site": torch.tensor([0, 1, 0, 1])}}
+    grads = {}
+    for where in ("fused", "fused_and_modalities"):
+        torch.manual_seed(1)
+        adv = ConfounderAdversary(8 + (10 if where != "fused" else 0), {"site": 2}, hidden=0)
+        adv.lambd = 1.0  # the DANN schedule sets it during training
+        m = FusionModel(enc, fusion, torch.nn.Linear(8, 1), adversary=adv, adversary_input=where).eval()
+        out = m(b)
+        width = 8 if where == "fused" else 18
+        assert out["adversary_input"].shape == (4, width) and out["confounder_logits"]["site"].shape == (4, 2)
+        if where != "fused":  # [fused | clinical | omics], omics zeros where absent
+            torch.testing.assert_close(out["adversary_input"][:, :8], out["embedding"])
+            torch.testing.assert_close(out["adversary_input"][:, 8:12], out["modality_embeddings"]["clinical"])
+            assert (out["adversary_input"][1::2, 12:] == 0).all()
+        m.zero_grad()
+        out["loss_adv"].backward()
+        grads[where] = [p.grad.clone() for p in enc["omics"].parameters()]
+    # with the modality embeddings in its input, the adversary pushes on the omics encoder differently
+    assert any(not torch.allclose(a, c) for a, c in zip(grads["fused"], grads["fused_and_modalities"]))
+    with pytest.raises(ValueError, match="adversary_input"):
+        FusionModel(enc, fusion, torch.nn.Linear(8, 1), adversary_input="modalities")
