@@ -937,7 +937,8 @@ def _hirescam_class():
 
 
 class _RiskAsClassScore(nn.Module):
-    """``x -> (1, 1)`` fused risk with ``modality``'s input = ``x`` and the rest of the patient's batch fixed."""
+    """``x (B, 1, D, H, W) -> (B, 1)`` fused risks: ``modality``'s input = ``x``, the rest of the one-patient
+    ``batch`` fixed (repeated B times when B > 1, e.g. occlusion batches)."""
 
     def __init__(self, model: nn.Module, batch: Mapping, modality: str) -> None:
         super().__init__()
@@ -946,7 +947,7 @@ class _RiskAsClassScore(nn.Module):
         self.modality = modality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = dict(self._batch)
+        b = dict(self._batch) if len(x) == 1 else dict(_replicate(self._batch, len(x)))
         b[self.modality] = x
         return self.model(b)["risk"].reshape(-1, 1)
 
@@ -1017,21 +1018,6 @@ def grad_cam(model: nn.Module, batch: Mapping, modality: str, *, layer: str | No
     return ((arr - lo) / (hi - lo)).astype(np.float32)
 
 
-class _RiskOfImageBatch(nn.Module):
-    """``x (B, 1, D, H, W) -> (B, 1)`` fused risks, the rest of the one-patient ``batch`` repeated B times."""
-
-    def __init__(self, model: nn.Module, batch: Mapping, modality: str) -> None:
-        super().__init__()
-        self.model = model
-        self._batch = dict(batch)
-        self.modality = modality
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = dict(_replicate(self._batch, len(x)))
-        b[self.modality] = x
-        return self.model(b)["risk"].reshape(-1, 1)
-
-
 def occlusion_map(model: nn.Module, batch: Mapping, modality: str, *, mask_size: int = 4, overlap: float = 0.5,
                   mode: str = "mean_img", n_batch: int = 64) -> np.ndarray:
     """Occlusion sensitivity of the fused risk to one image (MONAI ``OcclusionSensitivity``).
@@ -1055,7 +1041,7 @@ def occlusion_map(model: nn.Module, batch: Mapping, modality: str, *, mask_size:
         raise ValueError(f"the patient has no {modality!r} image")
     device = _device_of(model)
     b = to_device(_strip_targets(_replicate(batch, 1)), device)
-    net = _RiskOfImageBatch(model.eval(), b, modality).eval()
+    net = _RiskAsClassScore(model.eval(), b, modality).eval()
     x = b[modality].float()
     occ = OcclusionSensitivity(net, mask_size=mask_size, n_batch=n_batch, verbose=False, mode=mode, overlap=overlap,
                                activate=False)
