@@ -44,9 +44,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5,
                    help="repeats of the stability analysis (default 5; 0 or 1 skips it)")
     p.add_argument("--seed", type=int, default=0, help="seed of SHAP sampling and perturbations")
-    p.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcampp", "hirescam"],
-                   help="class-activation map of the images: Grad-CAM (default), Grad-CAM++ or HiResCAM "
-                        "(gradient x activation per voxel, exact for a globally pooled target layer)")
+    p.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcampp", "hirescam", "integrated_gradients"],
+                   help="image map: Grad-CAM (default), Grad-CAM++, HiResCAM (gradient x activation per voxel, "
+                        "exact for a globally pooled target layer) or integrated gradients (from a featureless "
+                        "image at the image's median; sums to the risk change)")
     p.set_defaults(func=cmd_explain)
     return p
 

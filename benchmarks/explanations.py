@@ -25,10 +25,17 @@ On the test patients of a trained demo run this prints one table with:
   features in the global importance (informative gene sets among all
   pathways; informative labs among the EHR variables; age and stage vs sex
   among the clinical covariates);
-* class-activation maps (:func:`fusion.explain.grad_cam`: Grad-CAM, Grad-CAM++
-  and HiResCAM) and, for the first ``--occlusion-patients`` patients, MONAI
-  occlusion sensitivity (:func:`fusion.explain.occlusion_map`, the
-  model-agnostic reference of what the model reads): per image modality the
+* what the model reads in each image (:func:`fusion.explain.roi_reliance`):
+  the risk change when the dilated lesion, or everything else, is replaced
+  by the image median; the model "reads the lesion" when the first is the
+  larger.  This perturbation test is the truth the maps are held to: a
+  faithful map sits in the lesion for those patients and not for the others;
+* image maps (:func:`fusion.explain.image_map`: Grad-CAM, Grad-CAM++,
+  HiResCAM and integrated gradients) and, for the first
+  ``--occlusion-patients`` patients, MONAI occlusion sensitivity
+  (:func:`fusion.explain.occlusion_map`, model-agnostic but with 4-voxel
+  cubes, smaller than most lesions, so a max-pooled lesion feature survives
+  a partial occlusion): per image modality the
   share of patients whose top-10% voxels have their centre of mass in the
   one-voxel-dilated lesion ("hit"; the crop is centred on the lesion, so a
   diffuse map around the centre also hits), whose top-10% voxels cover at
@@ -76,8 +83,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-#: class-activation maps compared (fusion.explain.grad_cam methods)
-CAM_METHODS = ("gradcam", "gradcampp", "hirescam")
+#: image maps compared (fusion.explain.image_map methods: three class-activation maps and integrated gradients)
+CAM_METHODS = ("gradcam", "gradcampp", "hirescam", "integrated_gradients")
 #: modality -> (factor unique to it, its coefficient)
 PLANTED = {"ct": ("tumour", 1.0), "pet": ("metabolic", 0.9), "omics": ("immune", 0.9),
            "ehr": ("inflammation", 0.9), "mri": ("oedema", 0.7), "clinical": ("age", 0.4)}
@@ -173,6 +180,7 @@ def main(argv=None) -> int:
     shap_abs: dict[str, list[float]] = {}
     eff_err = 0.0
     cam: dict[str, dict[str, list]] = {}
+    reads: dict[str, dict[str, list]] = {}  # modality -> lesion-replacement test (fusion.explain.roi_reliance)
     ood_flags, ood_flags_val = [], []
     global_rank: dict[str, list[str]] = {}
     stab: dict[str, list[float]] = {"modality_shapley": [], "feature_shap": [], "gradcam": []}
@@ -219,13 +227,19 @@ def main(argv=None) -> int:
                 roi = tf.cohort.rois[m][ci]
                 if not roi.any():
                     continue
-                maps = {meth: X.grad_cam(model, b, m, method=meth) for meth in CAM_METHODS}
+                reliance = X.roi_reliance(model, b, m, roi)
+                rel = reads.setdefault(m, {"roi": [], "out": [], "reads": []})
+                rel["roi"].append(abs(reliance["delta_roi"]))
+                rel["out"].append(abs(reliance["delta_outside"]))
+                rel["reads"].append(reliance["reads_roi"])
+                maps = {meth: X.image_map(model, b, m, meth) for meth in CAM_METHODS}
                 if with_occlusion:
                     maps["occlusion"] = X.occlusion_map(model, b, m)
                 for meth, heat in maps.items():
                     loc = X.localisation(heat, roi)
                     d = cam.setdefault((m, meth), {k: [] for k in ("hit", "frac", "chance", "chance_hit", "cover",
-                                                                   "peak", "rho_occ")})
+                                                                   "peak", "rho_occ", "reads")})
+                    d["reads"].append(reliance["reads_roi"])
                     d["hit"].append(bool(loc["hit"]))
                     d["frac"].append(loc["top10_fraction_in_lesion"] or 0.0)
                     d["chance"].append(loc["chance_fraction"])
@@ -294,16 +308,25 @@ def main(argv=None) -> int:
     if "clinical" in global_rank:
         lines.append(f"feature SHAP clinical: order {global_rank['clinical']} (sex is not prognostic)")
     lines.append("")
+    lines.append("What the model reads (fusion.explain.roi_reliance): |risk change| when the lesion (dilated 2 voxels)")
+    lines.append("or everything else is replaced by the image median; 'reads lesion' = the lesion change is larger")
+    for m, rel in sorted(reads.items()):
+        lines.append(f"  {m:<5} n={len(rel['reads']):>3}  lesion {np.mean(rel['roi']):.3f}  outside "
+                     f"{np.mean(rel['out']):.3f}  reads lesion {np.mean(rel['reads']):.2f}")
+    lines.append("")
     lines.append("Localisation of the top-10% voxels (per patient; share of patients, or mean):")
     lines.append("  hit = their centre of mass in the lesion (dilated 1 voxel); covers = >= half the lesion's voxels")
-    lines.append("  are among them; peak = the maximum in the dilated lesion; rho occ = Spearman with occlusion")
-    lines.append(f"{'modality':<9}{'map':<11}{'n':>4}{'hit':>6}{'chance':>7}{'covers':>8}{'peak':>6}"
-                 f"{'top10% in lesion':>18}{'chance':>7}{'rho occ':>9}")
+    lines.append("  are among them; peak = the maximum in the dilated lesion; rho occ = Spearman with occlusion;")
+    lines.append("  hit|reads = hit among the patients whose model reads the lesion")
+    lines.append(f"{'modality':<9}{'map':<21}{'n':>4}{'hit':>6}{'chance':>7}{'covers':>8}{'peak':>6}"
+                 f"{'top10% in lesion':>18}{'chance':>7}{'rho occ':>9}{'hit|reads':>10}")
     for (m, meth), d in sorted(cam.items()):
         rho = f"{np.nanmean(d['rho_occ']):>9.2f}" if d["rho_occ"] else f"{'':>9}"
-        lines.append(f"{m:<9}{meth:<11}{len(d['hit']):>4}{np.mean(d['hit']):>6.2f}{np.mean(d['chance_hit']):>7.3f}"
+        sel = np.array(d["reads"], dtype=bool)
+        hit_reads = f"{np.mean(np.array(d['hit'])[sel]):>10.2f}" if sel.any() else f"{'n/a':>10}"
+        lines.append(f"{m:<9}{meth:<21}{len(d['hit']):>4}{np.mean(d['hit']):>6.2f}{np.mean(d['chance_hit']):>7.3f}"
                      f"{np.mean(np.array(d['cover']) >= 0.5):>8.2f}{np.mean(d['peak']):>6.2f}"
-                     f"{np.mean(d['frac']):>18.3f}{np.mean(d['chance']):>7.3f}{rho}")
+                     f"{np.mean(d['frac']):>18.3f}{np.mean(d['chance']):>7.3f}{rho}{hit_reads}")
     lines.append("")
 
     def fmt(v):

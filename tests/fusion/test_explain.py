@@ -310,6 +310,21 @@ def test_grad_cam_localises_a_planted_blob():
     np.testing.assert_allclose(X.grad_cam(model, _image_batch(xt[:1]), "ct", method="hirescam"), ref, atol=1e-5)
     with pytest.raises(ValueError, match="gradcam, gradcampp, hirescam"):
         X.grad_cam(model, _image_batch(xt[:1]), "ct", method="cam")
+    # integrated gradients on the same model: localises the blob, and completeness holds on this
+    # non-linear network: the attributions sum to risk(x) - risk(median image)
+    hits_ig = []
+    for i in range(len(xt)):
+        b = _image_batch(xt[i:i + 1])
+        ig = X.integrated_gradients_map(model, b, "ct", steps=64, raw=True)
+        with torch.no_grad():
+            gap = float(model(b)["risk"]) - float(model(_image_batch(torch.full_like(xt[i:i + 1],
+                                                                          float(xt[i].median()))))["risk"])
+        assert ig.sum() == pytest.approx(gap, abs=0.02 * abs(gap) + 1e-4)
+        hits_ig.append(bool(X.localisation(np.maximum(ig, 0), mt[i])["hit"]))
+        if i == 0:
+            disp = X.image_map(model, b, "ct", "integrated_gradients")
+            assert disp.dtype == np.float32 and disp.min() >= 0.0 and disp.max() == pytest.approx(1.0)
+    assert np.mean(hits_ig) >= 0.7, hits_ig
     # the model is not modified by Grad-CAM (MONAI's hooks go on a copy)
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
 
@@ -635,3 +650,76 @@ def test_occlusion_map_hand_computed_and_planted_blob():
     assert occ.max() <= drop + 1e-5  # no voxel's mean drop exceeds the full-box drop
     with pytest.raises(ValueError, match="no 'pet' encoder"):
         X.occlusion_map(model, b, "pet")
+
+
+def test_integrated_gradients_hand_computed():
+    """f(x) = sum over a box of w x^2: the path integrand is linear in the path parameter, so the midpoint
+    rule is exact and IG_v = w (x_v^2 - c^2) inside the box, 0 outside, with c the baseline value."""
+
+    class SquaresInBox(nn.Module):
+        out_dim = 1
+
+        def forward(self, x):
+            return (0.5 * x[:, :, 2:6, 2:6, 2:6] ** 2).sum(dim=(1, 2, 3, 4)).unsqueeze(1)
+
+    model = FusionModel({"ct": SquaresInBox()}, _Sum(), nn.Identity()).eval()
+    torch.manual_seed(1)
+    x = torch.rand(1, 1, 10, 10, 10) + 0.5
+    x[:, :, 2:6, 2:6, 2:6] += 2.0
+    b = _image_batch(x)
+    box = np.zeros((10, 10, 10), dtype=bool)
+    box[2:6, 2:6, 2:6] = True
+    xn = x[0, 0].numpy().astype(np.float64)
+    for baseline, c in (("median", float(x.median())), ("zero", 0.0), (0.25, 0.25)):
+        ig = X.integrated_gradients_map(model, b, "ct", baseline=baseline, steps=3, n_batch=2, raw=True)
+        expected = np.where(box, 0.5 * (xn ** 2 - c ** 2), 0.0)
+        np.testing.assert_allclose(ig, expected, rtol=1e-5, atol=1e-6)
+    disp = X.integrated_gradients_map(model, b, "ct")
+    assert disp[~box].max() == 0.0 and disp.max() == pytest.approx(1.0)  # positive part, scaled
+    # a constant image has nothing to attribute: zeros, not NaN
+    flat = X.integrated_gradients_map(model, _image_batch(torch.ones(1, 1, 10, 10, 10)), "ct")
+    assert not flat.any()
+    with pytest.raises(ValueError, match="baseline"):
+        X.integrated_gradients_map(model, b, "ct", baseline="mean")
+    with pytest.raises(ValueError, match="steps"):
+        X.integrated_gradients_map(model, b, "ct", steps=0)
+    with pytest.raises(ValueError, match="no 'pet' encoder"):
+        X.integrated_gradients_map(model, b, "pet")
+    with pytest.raises(ValueError, match="integrated_gradients"):
+        X._Context.__init__(object.__new__(X._Context), None, "P-x", background_size=1, seed=0, cam_method="ig")
+
+
+def test_roi_reliance_hand_computed():
+    """risk = mean of a fixed box: replacing the box by the image median changes the risk by
+    mean(box) - median; replacing everything else changes nothing, so the model 'reads' an ROI there."""
+
+    class MeanInBox(nn.Module):
+        out_dim = 1
+
+        def forward(self, x):
+            return x[:, :, 3:7, 3:7, 3:7].mean(dim=(1, 2, 3, 4)).unsqueeze(1)
+
+    model = FusionModel({"ct": MeanInBox()}, _Sum(), nn.Identity()).eval()
+    torch.manual_seed(2)
+    x = torch.rand(1, 1, 12, 12, 12)
+    x[:, :, 3:7, 3:7, 3:7] += 3.0
+    b = _image_batch(x)
+    roi = np.zeros((12, 12, 12), dtype=bool)
+    roi[3:7, 3:7, 3:7] = True
+    out = X.roi_reliance(model, b, "ct", roi, dilate=0)
+    assert out["delta_roi"] == pytest.approx(float(x[:, :, 3:7, 3:7, 3:7].mean() - x.median()), rel=1e-5)
+    assert out["delta_outside"] == pytest.approx(0.0, abs=1e-6) and out["reads_roi"]
+    core = np.zeros_like(roi)
+    core[5, 5, 5] = True  # dilated by 2 voxels (6-connected) the core covers part of the box only
+    part = X.roi_reliance(model, b, "ct", core, dilate=2)
+    assert 0.0 < part["delta_roi"] < out["delta_roi"] and part["delta_outside"] > 0.0
+    # the risk is linear in the box: the two partial replacements add up to the whole box's
+    assert part["delta_roi"] + part["delta_outside"] == pytest.approx(out["delta_roi"], rel=1e-5)
+    far = np.zeros_like(roi)
+    far[9:, 9:, 9:] = True  # an ROI away from the box: the model reads the rest of the image
+    out = X.roi_reliance(model, b, "ct", far, dilate=0)
+    assert out["delta_roi"] == pytest.approx(0.0, abs=1e-6) and not out["reads_roi"]
+    with pytest.raises(ValueError, match="roi shape"):
+        X.roi_reliance(model, b, "ct", np.ones((4, 4, 4), bool))
+    with pytest.raises(ValueError, match="empty"):
+        X.roi_reliance(model, b, "ct", np.zeros((12, 12, 12), bool))
