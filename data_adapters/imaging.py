@@ -1273,7 +1273,18 @@ class ImagingParams:
         ``"log"``: ``log1p(SUV)``; ``"clip"``: ``clip(SUV, 0, pet_clip) / pet_clip``.
         Negative SUVs (reconstruction noise) are set to 0 first in both cases.
     pet_clip
-        SUV upper bound for ``"clip"``.
+        SUV upper bound for ``"clip"`` (a tumour-to-background ratio bound with
+        ``pet_reference="body_median"``).
+    pet_reference
+        ``"none"``: keep SUVbw.  ``"body_median"``: divide the SUV by the median
+        SUV of the patient's body, i.e. the voxels of the *whole* PET volume at
+        or above :data:`PET_BODY_SUV` (air and out-of-field padding read ~0;
+        any tissue in an FDG scan reads more), computed before resampling.  The
+        image then holds a tumour-to-background ratio: a global normalisation
+        like the reference-region SUV ratios of PERCIST (liver) or brain PET
+        (whole brain, cerebellum).  It cancels global calibration errors of the
+        scanner, dose assay and weight (a per-site SUV signature) at the price
+        of absolute SUV.
     mri_foreground_threshold
         ``"otsu"``: z-score with the mean/std of the voxels above the volume's
         Otsu threshold; ``"none"``: with the mean/std of all voxels.
@@ -1286,6 +1297,7 @@ class ImagingParams:
     pet_compression: str = "log"
     pet_clip: float = 20.0
     mri_foreground_threshold: str = "otsu"
+    pet_reference: str = "none"
 
     def __post_init__(self) -> None:
         if self.modality not in _PARAM_TO_MODALITY:
@@ -1310,14 +1322,41 @@ class ImagingParams:
         if self.mri_foreground_threshold not in ("otsu", "none"):
             raise InputError(f"expected 'otsu' or 'none', got {self.mri_foreground_threshold!r}",
                              field="mri_foreground_threshold")
+        if self.pet_reference not in PET_REFERENCES:
+            raise InputError(f"expected one of {list(PET_REFERENCES)}, got {self.pet_reference!r}",
+                             field="pet_reference")
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "ct_window", window)
         object.__setattr__(self, "pet_clip", float(self.pet_clip))
 
     def to_json(self) -> str:
-        """Canonical JSON (sorted keys) used in cache keys."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON (sorted keys) used in cache keys.
+
+        ``pet_reference`` is left out at its default (``"none"``), so cache
+        entries written before the option existed keep their keys.
+        """
+        d = dataclasses.asdict(self)
+        if d["pet_reference"] == "none":
+            del d["pet_reference"]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+#: ``ImagingParams.pet_reference`` choices.
+PET_REFERENCES = ("none", "body_median")
+#: SUV at or above which a PET voxel counts as body for ``pet_reference="body_median"``.
+PET_BODY_SUV = 0.3
+
+
+def _pet_reference_suv(volume: Volume, *, patient: str | None) -> float:
+    """Median SUV of the body voxels (>= :data:`PET_BODY_SUV`) of the whole PET volume."""
+    arr = volume.array
+    body = arr[arr >= PET_BODY_SUV]
+    if body.size < 10:
+        raise InputError(f"PET has {body.size} voxels at SUV >= {PET_BODY_SUV}: no body to normalise to "
+                         "(empty or mis-scaled PET?)", file=volume.source or None, patient=patient,
+                         field="pet_reference")
+    return float(np.median(body))
 
 
 def _mri_stats(volume: Volume, method: str, *, patient: str | None) -> tuple[float, float]:
@@ -1455,7 +1494,8 @@ def preprocess(
     Normalisation (per volume, nothing is fitted across patients):
 
     * CT (HU): clipped to ``ct_window`` and scaled to [0, 1].
-    * PET (SUVbw): negatives set to 0, then ``log1p`` or clip/``pet_clip``.
+    * PET (SUVbw): negatives set to 0, optionally divided by the body's
+      median SUV (``pet_reference``), then ``log1p`` or clip/``pet_clip``.
     * MR: ``(x - mean) / std`` with mean and std of the foreground voxels of
       the whole input volume, computed before resampling (Otsu threshold via
       ``sitk.OtsuThresholdImageFilter``).  Background is *not* set to 0 after
@@ -1526,6 +1566,7 @@ def preprocess(
         default = -1000.0
     elif params.modality == "pet":
         default = 0.0
+        reference = _pet_reference_suv(volume, patient=patient) if params.pet_reference == "body_median" else 1.0
     else:
         default = float(volume.array.min())
         mean, std = _mri_stats(volume, params.mri_foreground_threshold, patient=patient)
@@ -1542,6 +1583,8 @@ def preprocess(
         image /= np.float32(hi - lo)
     elif params.modality == "pet":
         np.maximum(image, 0.0, out=image)
+        if reference != 1.0:
+            image /= np.float32(reference)
         if params.pet_compression == "log":
             np.log1p(image, out=image)
         else:

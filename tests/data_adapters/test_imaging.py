@@ -582,6 +582,39 @@ def test_preprocess_pet_and_mri_normalisation():
     assert img[0, 0, 0, 0] < -10  # background keeps its (very negative) z-score
 
 
+def test_preprocess_pet_reference_cancels_a_global_calibration_factor():
+    """pet_reference='body_median': the image is SUV / median body SUV, so a scanner that reads every SUV
+    1.25x too high gives the same image; air (SUV ~ 0) is not part of the reference."""
+    rng = np.random.default_rng(2)
+    suv = np.zeros((20, 20, 20), np.float32)                      # air
+    suv[2:18, 2:18, 2:18] = rng.uniform(0.8, 1.2, (16, 16, 16))   # body
+    suv[8:12, 8:12, 8:12] = 6.0                                   # lesion
+    body = suv[suv >= 0.3]
+    ref = float(np.median(body))
+    params = ImagingParams("pet", spacing=(1, 1, 1), size=(20, 20, 20), pet_reference="body_median")
+    images = []
+    for factor in (1.0, 1.25):
+        pet = box_volume(modality="PT", units="SUVbw")
+        pet.array[:] = suv * factor
+        img, _ = preprocess(pet, None, params)
+        images.append(img[0])
+    np.testing.assert_allclose(images[0], np.log1p(suv / ref), atol=1e-5)   # tumour-to-background ratio
+    np.testing.assert_allclose(images[1], images[0], atol=1e-5)
+    assert np.expm1(images[0][10, 10, 10]) == pytest.approx(6.0 / ref, rel=1e-5)
+    # default: absolute SUV, and the cache key of the default params is what it was before the option
+    assert "pet_reference" not in ImagingParams("pet").to_json()
+    assert "body_median" in params.to_json()
+    # a PET with no body (all air) is refused, naming the field
+    empty = box_volume(modality="PT", units="SUVbw")
+    empty.array[:] = 0.0
+    with pytest.raises(InputError) as exc:
+        preprocess(empty, None, params, patient="P1")
+    assert exc.value.field == "pet_reference" and exc.value.patient == "P1"
+    with pytest.raises(InputError) as exc:
+        ImagingParams("pet", pet_reference="liver")
+    assert exc.value.field == "pet_reference"
+
+
 def test_preprocess_rejects_wrong_units_and_params():
     with pytest.raises(InputError) as exc:
         preprocess(box_volume(modality="CT", units="a.u."), None, ImagingParams("ct"))
