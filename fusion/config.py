@@ -96,6 +96,9 @@ class TaskConfig(_Strict):
     loss: Optional[Literal["cox", "discrete_time", "ce", "focal"]] = Field(
         None, description="survival: cox (default) | discrete_time; classification: ce (default) | focal")
     ties: Literal["efron", "breslow"] = Field("efron", description="Cox partial likelihood ties (loss cox)")
+    strata: list[str] = Field(default_factory=list,
+                              description="loss cox: 'site' and/or data.confounders columns; each level (combination) "
+                                          "gets its own baseline hazard: risk sets are formed within strata")
     n_intervals: int = Field(10, ge=1, description="discrete-time intervals (loss discrete_time)")
     classes: Optional[list[str]] = Field(None, description="class order (default: sorted training labels)")
     focal_gamma: float = Field(2.0, ge=0.0, description="focal loss exponent (loss focal)")
@@ -128,6 +131,8 @@ class TaskConfig(_Strict):
                 raise ValueError(f"task.n_intervals applies to task.loss 'discrete_time' only, not '{self.loss}'")
             if "ties" in changed and self.loss != "cox":
                 raise ValueError(f"task.ties applies to task.loss 'cox' only, not '{self.loss}'")
+            if self.strata and self.loss != "cox":
+                raise ValueError(f"task.strata applies to task.loss 'cox' only, not '{self.loss}'")
         else:
             if self.loss is None:
                 self.loss = "ce"
@@ -137,6 +142,8 @@ class TaskConfig(_Strict):
             for f in ("n_intervals", "ties"):
                 if f in changed:
                     raise ValueError(f"task.{f} applies to task.kind 'survival' only")
+            if self.strata:
+                raise ValueError("task.strata applies to task.kind 'survival' (loss cox) only")
             if self.multitask is not None:
                 raise ValueError("task.multitask adds an auxiliary label to a survival task; with task.kind "
                                  "'classification' there is nothing to add it to")
@@ -163,6 +170,8 @@ class ImagePreprocessing(_Strict):
     ct_window: tuple[float, float] = (-200.0, 300.0)
     pet_compression: Literal["log", "clip"] = "log"
     pet_clip: float = 20.0
+    pet_reference: Literal["none", "body_median"] = Field(
+        "none", description="PET: 'body_median' divides SUV by the body's median SUV (tumour-to-background ratio)")
     roi: Optional[int | str] = Field(None, description="ROI to use from a SEG/RTSTRUCT/label mask (default: union)")
     augment: bool = Field(False, description="physically plausible augmentation in training only")
     augment_prob: float = Field(0.5, ge=0.0, le=1.0)
@@ -340,6 +349,9 @@ class ExperimentConfig(_Strict):
         for c in self.adversary.confounders + self.adversary.continuous:
             if c not in known:
                 raise ValueError(f"adversary: '{c}' is not listed in data.confounders (or 'site')")
+        for c in self.task.strata:
+            if c not in known:
+                raise ValueError(f"task.strata: '{c}' is not listed in data.confounders (or 'site')")
         if (self.split.scheme == "external") != (self.split.external is not None):
             raise ValueError("split.external (the external test cohort) is required by, and only used with, "
                              "split.scheme 'external'")

@@ -81,6 +81,7 @@ def _imaging_params(cfg: ExperimentConfig, m: str):
         ct_window=tuple(p.ct_window),
         pet_compression=p.pet_compression,
         pet_clip=p.pet_clip,
+        pet_reference=p.pet_reference,
     )
 
 
@@ -395,6 +396,19 @@ def make_tensors(cohort: Cohort, idx: Sequence[int], tf: FoldTransforms) -> dict
     if cohort.task_kind == "survival":
         out["time"] = torch.from_numpy(cohort.time[idx].astype(np.float32))
         out["event"] = torch.from_numpy(cohort.event[idx].copy())
+        strata = list(getattr(getattr(tf, "cfg", None), "task", None) and tf.cfg.task.strata or [])
+        if strata:  # stratified Cox: one code per level combination, the same in every split
+            raw = [cohort.sites if c == "site" else cohort.confounders[c] for c in strata]
+            for c, v in zip(strata, raw):
+                bad = pd.isna(pd.Series(v)).to_numpy() | (pd.Series(v).astype(str).str.strip() == "").to_numpy()
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    raise InputError(f"task.strata column {c!r} is empty for {int(bad.sum())} patient(s); give every "
+                                     "patient a stratum or drop the column from task.strata",
+                                     file=tf.cfg.data.manifest, patient=cohort.patient_ids[i], field=c)
+            cols = [np.asarray(v).astype(str) for v in raw]
+            codes = pd.factorize(pd.Series(["\x1f".join(v) for v in zip(*cols)]))[0]
+            out["strata"] = torch.from_numpy(codes[idx].astype(np.int64))
     classes = tf.task_meta_.get("classes", tf.task_meta_.get("aux_classes"))
     if classes is not None and cohort.labels is not None:
         pos = {c: i for i, c in enumerate(classes)}  # empty or unseen label -> -1 (ignored by the loss)

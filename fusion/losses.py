@@ -57,7 +57,8 @@ def _check_same_length(**tensors: torch.Tensor) -> int:
 # --------------------------------------------------------------------------- #
 # Cox proportional hazards
 # --------------------------------------------------------------------------- #
-def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, ties: str = "efron") -> torch.Tensor:
+def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, ties: str = "efron",
+                strata: torch.Tensor | None = None) -> torch.Tensor:
     """Negative Cox partial log-likelihood, averaged over events.
 
     Breslow (1974)::
@@ -83,6 +84,14 @@ def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, 
         ``(B,)`` bool, True where the event was observed.
     ties
         ``"efron"`` (default, as lifelines and R's survival) or ``"breslow"``.
+    strata
+        Optional ``(B,)`` integer stratum of each row: the stratified partial
+        likelihood (each stratum its own baseline hazard, risk sets within
+        strata; as lifelines ``CoxPHFitter(strata=...)`` and R's
+        ``strata()``): the sum of the strata's log-likelihoods, averaged over
+        all events.  For multi-site cohorts whose sites differ in baseline
+        hazard (case mix, standard of care), so the model gains nothing by
+        recognising the site.
 
     Returns
     -------
@@ -99,7 +108,22 @@ def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, 
     event = event.reshape(-1).bool()
     if risk.numel() == 0 or not bool(event.any()):
         return risk.sum() * 0.0
-    n_events = event.sum()
+    if strata is not None:
+        strata = strata.reshape(-1)
+        if strata.numel() != risk.numel():
+            raise ValueError(f"strata has {strata.numel()} rows, risk {risk.numel()}")
+        total = risk.sum() * 0.0
+        for level in torch.unique(strata):
+            rows = (strata == level).nonzero().reshape(-1)
+            ev = event.index_select(0, rows)
+            if bool(ev.any()):
+                total = total + _cox_nll_sum(risk.index_select(0, rows), time.index_select(0, rows), ev, ties)
+        return total / event.sum()
+    return _cox_nll_sum(risk, time, event, ties) / event.sum()
+
+
+def _cox_nll_sum(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, ties: str) -> torch.Tensor:
+    """Negative partial log-likelihood (summed over events) of one stratum with at least one event."""
     # Risk-set sums for every distinct event time, on a shifted scale for stability.
     shift = risk.detach().max()
     exp_r = torch.exp(risk - shift)
@@ -121,7 +145,7 @@ def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, 
         inner = risk_set.unsqueeze(1) - (ell / d.unsqueeze(1)) * tie_sum.unsqueeze(1)
         inner = torch.where(valid, inner, torch.ones_like(inner))
         log_terms = (torch.log(inner) * valid).sum(1) + d * shift
-    return -(sum_r - log_terms).sum() / n_events
+    return -(sum_r - log_terms).sum()
 
 
 # --------------------------------------------------------------------------- #

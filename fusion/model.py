@@ -249,7 +249,9 @@ class FusionModel(nn.Module):
             if "time" not in batch or "event" not in batch:
                 return None
             if self.task == "cox":
-                return cox_ph_loss(raw.reshape(-1), sel(batch["time"]), sel(batch["event"]), ties=self.ties)
+                strata = sel(batch["strata"]) if "strata" in batch else None
+                return cox_ph_loss(raw.reshape(-1), sel(batch["time"]), sel(batch["event"]), ties=self.ties,
+                                   strata=strata)
             return discrete_time_nll(raw.float().reshape(raw.shape[0], -1), sel(batch["time"]), sel(batch["event"]),
                                      self.cuts)
         if "label" not in batch:

@@ -57,6 +57,44 @@ def test_cox_head_is_unchanged():
     _check_loss_backward(m, out)
 
 
+def test_cox_head_with_strata_uses_the_stratified_likelihood():
+    from fusion.losses import cox_ph_loss
+
+    m = _model(1)
+    b = _batch(b=12)
+    b["strata"] = torch.tensor([0, 1] * 6)
+    out = m(b)
+    ref = cox_ph_loss(out["risk"], b["time"], b["event"], strata=b["strata"])
+    torch.testing.assert_close(out["loss_cox"], ref)
+    assert not torch.allclose(out["loss_cox"], cox_ph_loss(out["risk"], b["time"], b["event"]))
+    _check_loss_backward(m, out)
+
+
+def test_strata_codes_in_the_tensors_and_empty_stratum_error(tmp_path):
+    """task.strata -> batch["strata"]: one code per site, the same in every split; an empty cell is refused."""
+    from types import SimpleNamespace
+
+    from data_adapters.errors import InputError
+    from fusion.data import Cohort, make_tensors
+
+    n = 6
+    cohort = Cohort(patient_ids=[f"S{i}" for i in range(n)], pseudonyms=[f"P-{i}" for i in range(n)],
+                    sites=np.array(["A", "B", "A", "C", "B", "A"]), time=np.ones(n, np.float32),
+                    event=np.ones(n, bool), confounders={"scanner": np.array(["x", "x", "y", "x", "", "x"],
+                                                                              dtype=object)},
+                    modalities=[], present=np.zeros((n, 0), bool), task_kind="survival")
+    tf = SimpleNamespace(cfg=SimpleNamespace(task=SimpleNamespace(strata=["site"]),
+                                             data=SimpleNamespace(manifest="manifest.csv")),
+                         task_meta_={}, confounder_kinds_={})
+    a, b = make_tensors(cohort, [0, 1, 2], tf)["strata"], make_tensors(cohort, [3, 4, 5], tf)["strata"]
+    codes = torch.cat([a, b]).tolist()
+    assert codes[0] == codes[2] == codes[5] and codes[1] == codes[4] and len(set(codes)) == 3
+    tf.cfg.task.strata = ["site", "scanner"]
+    with pytest.raises(InputError) as e:
+        make_tensors(cohort, [0, 1], tf)
+    assert e.value.field == "scanner" and e.value.patient == "S4" and "manifest.csv" in str(e.value)
+
+
 def test_discrete_time_head():
     cuts = [0.0, 0.5, 1.0, 1.5, 2.2]
     m = _model(4, task="discrete_time", cuts=cuts)
@@ -144,6 +182,9 @@ def _base_cfg():
     ({"kind": "classification", "classes": ["a", "a"]}, "more than once"),
     ({"kind": "classification", "classes": ["a", "b"], "class_weights": [1.0]}, "task.class_weights"),
     ({"kind": "classification", "multitask": {"aux_label": "grade"}}, "task.multitask"),
+    ({"kind": "classification", "strata": ["site"]}, "task.strata"),
+    ({"kind": "survival", "loss": "discrete_time", "strata": ["site"]}, "task.strata"),
+    ({"kind": "survival", "strata": ["hospital"]}, "task.strata: 'hospital'"),
 ])
 def test_bad_task_combinations_are_config_errors(task, needle):
     data = _base_cfg()
