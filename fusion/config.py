@@ -9,7 +9,7 @@ config file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -249,10 +249,11 @@ class AdversaryConfig(_Strict):
     lambda_max: float = Field(3.0, ge=0.0, description="GRL strength reached at the end of training")
     hidden: int = Field(0, ge=0, description="hidden size of each adversary head; 0 = linear heads")
     steps: int = Field(5, ge=0, description="adversary-only updates per training step")
-    input: Literal["fused", "fused_and_modalities"] = Field(
+    input: Union[Literal["fused", "fused_and_modalities"], list[str]] = Field(
         "fused", description="what the adversary reads: the fused embedding, or the fused embedding concatenated "
                              "with every modality's embedding (zeros where absent), so that no modality encoder "
-                             "keeps the confounder either")
+                             "keeps the confounder either; or a list of parts, e.g. [fused, ct]: the fused "
+                             "embedding and the CT encoder's (where a scanner shortcut enters)")
     mode: Literal["reverse", "confusion"] = Field(
         "confusion", description="reverse: DANN gradient reversal of the adversary's loss; confusion: encoders "
                                  "push the adversary's prediction to the class prior (categorical) or to zero "
@@ -349,6 +350,12 @@ class ExperimentConfig(_Strict):
         for c in self.adversary.confounders + self.adversary.continuous:
             if c not in known:
                 raise ValueError(f"adversary: '{c}' is not listed in data.confounders (or 'site')")
+        if isinstance(self.adversary.input, list):
+            parts = self.adversary.input
+            valid = {"fused", *self.modalities}
+            if not parts or len(set(parts)) != len(parts) or not set(parts) <= valid:
+                raise ValueError(f"adversary.input {parts} must list distinct parts from {sorted(valid)} "
+                                 "('fused' or a configured modality)")
         for c in self.task.strata:
             if c not in known:
                 raise ValueError(f"task.strata: '{c}' is not listed in data.confounders (or 'site')")

@@ -190,9 +190,8 @@ class FusionModel(nn.Module):
         self.modality_dropout = float(modality_dropout)
         self.adversary = adversary
         self.adversary_weight = float(adversary_weight)
-        if adversary_input not in ("fused", "fused_and_modalities"):
-            raise ValueError(f"adversary_input must be 'fused' or 'fused_and_modalities', got {adversary_input!r}")
         self.adversary_input = adversary_input
+        self.adversary_parts = adversary_parts(adversary_input, self.modalities)
         self.aux_heads = nn.ModuleDict(
             {m: nn.Linear(encoders[m].out_dim, n_out) for m in self.modalities} if aux_loss_weight > 0 else {}
         )
@@ -310,9 +309,8 @@ class FusionModel(nn.Module):
             out["aux_logits"] = aux_raw
             out["aux_proba"] = _class_proba(aux_raw, len(self.aux_classes))
         if self.adversary is not None:
-            adv_in = fused
-            if self.adversary_input == "fused_and_modalities":
-                adv_in = torch.cat([fused] + [embeddings[m].to(fused.dtype) for m in self.modalities], dim=1)
+            parts = [fused if p == "fused" else embeddings[p].to(fused.dtype) for p in self.adversary_parts]
+            adv_in = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             out["adversary_input"] = adv_in
             out["confounder_logits"] = self.adversary(adv_in)
         task_loss = self._task_loss(raw, batch)
@@ -367,6 +365,27 @@ class Standardised(nn.Module):
 #: ``fusion.name: early`` replaces each modality's encoder by the parameter-free extractor of its family
 #: (encoders/early.py) and fuses the concatenated raw features with one MLP (the ``concat`` strategy).
 EARLY_EXTRACTORS = {"image3d": "image_pool", "tabular": "identity", "sequence": "ehr_summary"}
+
+
+def adversary_parts(adversary_input, modalities) -> list[str]:
+    """The embeddings the adversary reads, in order: ``"fused"`` and/or modality names.
+
+    ``"fused"`` -> the fused embedding; ``"fused_and_modalities"`` -> it and
+    every modality's embedding; a list names the parts (e.g. ``["fused",
+    "ct"]``); modalities this model does not have are skipped (a
+    single-modality ablation model of a run with ``[fused, ct]``), and a list
+    that leaves nothing raises ValueError, as does any other value.
+    """
+    if adversary_input == "fused":
+        return ["fused"]
+    if adversary_input == "fused_and_modalities":
+        return ["fused", *modalities]
+    if isinstance(adversary_input, (list, tuple)) and len(set(adversary_input)) == len(adversary_input):
+        parts = [p for p in adversary_input if p == "fused" or p in modalities]
+        if parts:
+            return parts
+    raise ValueError(f"adversary_input must be 'fused', 'fused_and_modalities' or a list of distinct parts from "
+                     f"{['fused', *modalities]}, got {adversary_input!r}")
 
 
 def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities: list[str], *,
@@ -430,9 +449,8 @@ def build_model(cfg: ExperimentConfig, input_dims: Mapping[str, int], modalities
     if cfg.adversary.enabled and confounder_kinds:
         from fusion.adversarial import ConfounderAdversary
 
-        in_dim = cfg.fusion.hidden
-        if cfg.adversary.input == "fused_and_modalities":
-            in_dim += sum(e.out_dim for e in encoders.values())
+        in_dim = sum(cfg.fusion.hidden if p == "fused" else encoders[p].out_dim
+                     for p in adversary_parts(cfg.adversary.input, sorted(modalities)))
         adversary = ConfounderAdversary(in_dim, confounder_kinds, hidden=cfg.adversary.hidden,
                                         mode=cfg.adversary.mode)
     mt = task.multitask

@@ -111,3 +111,31 @@ def test_adversary_reading_the_modality_embeddings_reaches_each_encoder():
     assert any(not torch.allclose(a, c) for a, c in zip(grads["fused"], grads["fused_and_modalities"]))
     with pytest.raises(ValueError, match="adversary_input"):
         FusionModel(enc, fusion, torch.nn.Linear(8, 1), adversary_input="modalities")
+    # a list names the parts: [fused, omics] reads the fused embedding and the omics encoder's only
+    torch.manual_seed(1)
+    adv = ConfounderAdversary(8 + 6, {"site": 2}, hidden=0)
+    m = FusionModel(enc, fusion, torch.nn.Linear(8, 1), adversary=adv, adversary_input=["fused", "omics"]).eval()
+    out = m(b)
+    torch.testing.assert_close(out["adversary_input"], torch.cat([out["embedding"],
+                                                                  out["modality_embeddings"]["omics"]], dim=1))
+    from fusion.model import adversary_parts
+
+    assert adversary_parts(["fused", "ct"], ["clinical"]) == ["fused"]  # an ablation model without CT
+    with pytest.raises(ValueError, match="adversary_input"):
+        adversary_parts(["ct"], ["clinical"])
+    with pytest.raises(ValueError, match="adversary_input"):
+        adversary_parts(["fused", "fused"], ["clinical"])
+
+
+def test_adversary_input_list_is_validated_by_the_config():
+    import yaml
+
+    from fusion.config import ConfigError, default_config_dir, parse_config
+
+    data = yaml.safe_load((default_config_dir() / "demo.yaml").read_text())
+    data["adversary"] = {"enabled": True, "confounders": ["scanner"], "input": ["fused", "ct"]}
+    assert parse_config(data).adversary.input == ["fused", "ct"]
+    for bad in (["fused", "xray"], [], ["ct", "ct"]):
+        data["adversary"]["input"] = bad
+        with pytest.raises(ConfigError, match="adversary.input"):
+            parse_config(data)
