@@ -455,6 +455,13 @@ def _image_section(fold, pseudonym: str, expl: dict | None, expl_dir) -> None:
                     st.caption(f"{frac:.0%} of the 10% most salient voxels lie inside the lesion"
                                + (" (attention on the lesion)." if info.get("hit") else " (attention mostly outside "
                                   "the lesion: check the image before trusting this prediction)."))
+                rel = info.get("roi_reliance") if isinstance(info, dict) else None
+                if isinstance(rel, dict) and ad.as_float(rel.get("delta_roi")) is not None:
+                    st.caption(f"What the model reads here: compared with background tissue, the lesion adds "
+                               f"{float(rel['delta_roi']):+.2f} to the risk score and the rest of the image "
+                               f"{float(rel['delta_outside']):+.2f}"
+                               + (" (it reads the lesion)." if rel.get("reads_roi") else
+                                  " (it reads mostly outside the lesion: scanner or site effects?)."))
                 if cam is not None and not cam.any():
                     st.caption("The Grad-CAM map is zero everywhere: no region of this image raised the patient's "
                                "risk estimate.")

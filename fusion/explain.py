@@ -1793,8 +1793,11 @@ def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repe
         loc = localisation(heat, roi)
         cams[m] = {"npy": f"gradcam_{m}.npy", "png": f"gradcam_{m}.png", "nifti": f"gradcam_{m}.nii.gz",
                    "top10_fraction_in_lesion": loc["top10_fraction_in_lesion"], "hit": loc["hit"],
-                   "chance_fraction": loc["chance_fraction"], "layer": _layer_name(model, m) if ctx.cam_method in CAM_METHODS else "input",
-                   "method": ctx.cam_method}
+                   "chance_fraction": loc["chance_fraction"],
+                   "layer": _layer_name(model, m) if ctx.cam_method in CAM_METHODS else "input",
+                   "method": ctx.cam_method,
+                   # what the model reads in this image (lesion vs rest), the check on the map above
+                   "roi_reliance": roi_reliance(model, ctx.batch, m, roi) if roi.any() else None}
     for m, why in ctx.cam_unavailable.items():
         cams[m] = {"npy": None, "png": None, "top10_fraction_in_lesion": None, "hit": None, "unavailable": why}
     timings["gradcam"] = time.perf_counter() - t1

@@ -366,6 +366,8 @@ def test_patient_view(app_run, run_info, explained, monkeypatch):
     assert 1 <= ct.value <= ct.max == 16
     assert at.toggle(key="cam_ct").value is True
     assert any(c.startswith("CT slice") and c.endswith("with Grad-CAM") for c in _image_captions(at))
+    # the lesion-replacement check of what the model reads is stated next to each map
+    assert any(c.value.startswith("What the model reads here") for c in at.caption)
     at.slider(key="slice_ct").set_value(1).run()
     _no_failure(at)
     assert "CT slice 1/16 with Grad-CAM" in _image_captions(at)

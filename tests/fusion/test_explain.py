@@ -535,6 +535,10 @@ def test_cli_explain_writes_report_without_phi(small_run, trained, capsys, demo_
     assert res["gradcam"]
     for m, g in res["gradcam"].items():
         assert set(g) >= {"npy", "png", "top10_fraction_in_lesion", "hit", "method"} and g["method"] == "hirescam"
+        rel = g["roi_reliance"]  # the lesion-replacement check: deltas that reproduce from the risk
+        assert set(rel) == {"risk", "delta_roi", "delta_outside", "reads_roi"}
+        assert rel["risk"] == pytest.approx(res["risk"], abs=1e-4)
+        assert rel["reads_roi"] == (abs(rel["delta_roi"]) > abs(rel["delta_outside"]))
         heat = np.load(out / g["npy"])
         assert heat.dtype == np.float16 and heat.shape == (16, 16, 16)
         assert (out / g["png"]).is_file()
