@@ -396,7 +396,7 @@ def make_tensors(cohort: Cohort, idx: Sequence[int], tf: FoldTransforms) -> dict
     if cohort.task_kind == "survival":
         out["time"] = torch.from_numpy(cohort.time[idx].astype(np.float32))
         out["event"] = torch.from_numpy(cohort.event[idx].copy())
-        strata = list(getattr(getattr(tf, "cfg", None), "task", None) and tf.cfg.task.strata or [])
+        strata = list(tf.cfg.task.strata)
         if strata:  # stratified Cox: one code per level combination, the same in every split
             raw = [cohort.sites if c == "site" else cohort.confounders[c] for c in strata]
             for c, v in zip(strata, raw):

@@ -944,6 +944,16 @@ def _hirescam_class():
     return HiResCAM
 
 
+def _image_patient_batch(model: nn.Module, batch: Mapping, modality: str) -> dict:
+    """Row 0 of ``batch`` without targets, on the model's device; ValueError when the model has no
+    ``modality`` encoder or the patient no ``modality`` image (shared by every image map)."""
+    if modality not in getattr(model, "encoders", {}):
+        raise ValueError(f"the model has no {modality!r} encoder")
+    if not _present_of(batch, modality):
+        raise ValueError(f"the patient has no {modality!r} image")
+    return to_device(_strip_targets(_replicate(batch, 1)), _device_of(model))
+
+
 class _RiskAsClassScore(nn.Module):
     """``x (B, 1, D, H, W) -> (B, 1)`` fused risks: ``modality``'s input = ``x``, the rest of the one-patient
     ``batch`` fixed (repeated B times when B > 1, e.g. occlusion batches)."""
@@ -997,12 +1007,7 @@ def grad_cam(model: nn.Module, batch: Mapping, modality: str, *, layer: str | No
 
     if method not in CAM_METHODS:
         raise ValueError(f"method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
-    if modality not in getattr(model, "encoders", {}):
-        raise ValueError(f"the model has no {modality!r} encoder")
-    if not _present_of(batch, modality):
-        raise ValueError(f"the patient has no {modality!r} image")
-    device = _device_of(model)
-    b = to_device(_strip_targets(_replicate(batch, 1)), device)
+    b = _image_patient_batch(model, batch, modality)
     net = copy.deepcopy(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -1043,12 +1048,7 @@ def occlusion_map(model: nn.Module, batch: Mapping, modality: str, *, mask_size:
     """
     from monai.visualize import OcclusionSensitivity
 
-    if modality not in getattr(model, "encoders", {}):
-        raise ValueError(f"the model has no {modality!r} encoder")
-    if not _present_of(batch, modality):
-        raise ValueError(f"the patient has no {modality!r} image")
-    device = _device_of(model)
-    b = to_device(_strip_targets(_replicate(batch, 1)), device)
+    b = _image_patient_batch(model, batch, modality)
     net = _RiskAsClassScore(model.eval(), b, modality).eval()
     x = b[modality].float()
     occ = OcclusionSensitivity(net, mask_size=mask_size, n_batch=n_batch, verbose=False, mode=mode, overlap=overlap,
@@ -1096,14 +1096,9 @@ def integrated_gradients_map(model: nn.Module, batch: Mapping, modality: str, *,
         the risk above the baseline's) scaled to [0, 1], all zeros when none
         does, as :func:`grad_cam` returns.
     """
-    if modality not in getattr(model, "encoders", {}):
-        raise ValueError(f"the model has no {modality!r} encoder")
-    if not _present_of(batch, modality):
-        raise ValueError(f"the patient has no {modality!r} image")
     if int(steps) < 1 or int(n_batch) < 1:
         raise ValueError(f"steps and n_batch must be >= 1, got {steps} and {n_batch}")
-    device = _device_of(model)
-    b = to_device(_strip_targets(_replicate(batch, 1)), device)
+    b = _image_patient_batch(model, batch, modality)
     was_training = model.training
     model.eval()
     net = _RiskAsClassScore(model, b, modality)
@@ -1155,12 +1150,8 @@ def roi_reliance(model: nn.Module, batch: Mapping, modality: str, roi: np.ndarra
     """
     from scipy.ndimage import binary_dilation
 
-    if modality not in getattr(model, "encoders", {}):
-        raise ValueError(f"the model has no {modality!r} encoder")
-    if not _present_of(batch, modality):
-        raise ValueError(f"the patient has no {modality!r} image")
+    b = _image_patient_batch(model, batch, modality)
     roi = np.asarray(roi, dtype=bool)
-    b = to_device(_strip_targets(_replicate(batch, 1)), _device_of(model))
     x = b[modality].float()
     if roi.shape != tuple(x.shape[-3:]):
         raise ValueError(f"roi shape {roi.shape} differs from the image's {tuple(x.shape[-3:])}")
