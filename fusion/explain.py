@@ -875,8 +875,14 @@ def gradcam_target_layer(encoder: nn.Module, example: torch.Tensor | None = None
     feature map, MONAI's own Grad-CAM example) for MONAI DenseNet; otherwise
     the last 3D convolution executed in a forward pass of ``example`` (or of
     zeros of ``encoder.example_input_size``), skipping 1x1x1 kernels (shortcut
-    projections) when another convolution exists: ``features.<k>`` of
-    ``cnn3d_small``.
+    projections) when another convolution exists, and then the normalisation
+    and activation modules run right after it on a map of the same shape: the
+    *activated* feature map, as Selvaraju et al. (2017) use (VGG's last
+    ``conv -> ReLU``) and as ResNet's ``layer4`` ends.  For ``cnn3d_small`` that
+    is the ReLU that closes the last stage (``features.<k>``).  On the demo
+    run's test patients the activated map localised better than the raw
+    convolution output (MR lesion covered by the top 10%: 72% vs 44% of
+    patients; PET 24% vs 24%; ``benchmarks/explanations.py``).
 
     Raises
     ------
@@ -899,11 +905,16 @@ def gradcam_target_layer(encoder: nn.Module, example: torch.Tensor | None = None
         size = tuple(getattr(encoder, "example_input_size", (16, 16, 16)))
         example = torch.zeros(1, int(getattr(encoder, "in_channels", 1)), *size, device=_device_of(encoder))
     order: list[tuple[str, nn.Module]] = []
+    executed: list[tuple[str, nn.Module, tuple]] = []  # every leaf module, in forward order
     hooks = []
     for name, mod in encoder.named_modules():
         if isinstance(mod, nn.modules.conv._ConvNd):
             hooks.append(mod.register_forward_hook(
                 lambda mod_, inp, out, name=name: order.append((name, mod_)) if out.ndim == 5 else None))
+        if not any(True for _ in mod.children()):
+            hooks.append(mod.register_forward_hook(
+                lambda mod_, inp, out, name=name: executed.append((name, mod_, tuple(out.shape)))
+                if isinstance(out, torch.Tensor) else None))
     try:
         with _EvalMode(encoder), torch.no_grad():
             encoder(example[:1])
@@ -915,7 +926,26 @@ def gradcam_target_layer(encoder: nn.Module, example: torch.Tensor | None = None
                          f"{len(order)} 3D convolution(s) (2D-slice, 2.5D and transformer encoders are not "
                          "supported; set encoder.gradcam_layer to choose a layer)")
     non_pointwise = [(n, m) for n, m in order if any(k > 1 for k in m.kernel_size)]
-    return (non_pointwise or order)[-1][0]
+    conv_name = (non_pointwise or order)[-1][0]
+    return _activated_after(conv_name, executed)
+
+
+#: Modules that may follow a convolution inside the same block (normalisation, activation).
+_NORM_ACT = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.LeakyReLU, nn.PReLU,
+             nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus)
+
+
+def _activated_after(conv_name: str, executed: list[tuple[str, nn.Module, tuple]]) -> str:
+    """The last normalisation/activation run right after ``conv_name`` on a map of its shape (else the conv)."""
+    pos = max((i for i, (n, _, _) in enumerate(executed) if n == conv_name), default=None)
+    if pos is None:
+        return conv_name
+    shape, chosen = executed[pos][2], conv_name
+    for name, mod, out_shape in executed[pos + 1:]:
+        if not isinstance(mod, _NORM_ACT) or out_shape != shape:
+            break
+        chosen = name
+    return chosen
 
 
 #: Class-activation methods :func:`grad_cam` accepts.

@@ -333,7 +333,14 @@ def test_gradcam_target_layer_per_encoder():
     from encoders.registry import create_encoder, get_encoder_entry
 
     cnn = create_encoder("cnn3d_small", 3, 1, 8, channels=(4, 8))
-    assert X.gradcam_target_layer(cnn) == "features.10"  # second conv of the last stage
+    # the activated map of the last stage: conv features.10 -> BatchNorm features.11 -> ReLU features.12
+    assert X.gradcam_target_layer(cnn) == "features.12"
+    assert isinstance(cnn.get_submodule("features.10"), torch.nn.Conv3d)
+    assert isinstance(cnn.get_submodule("features.12"), torch.nn.ReLU)
+    # a conv with nothing shape-preserving after it keeps the conv itself
+    bare = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.Conv3d(2, 2, 3, padding=1),
+                               torch.nn.MaxPool3d(2), torch.nn.ReLU())
+    assert X.gradcam_target_layer(bare, torch.zeros(1, 1, 4, 4, 4)) == "1"
     assert X.gradcam_target_layer(create_encoder("resnet10", 3, 1, 8, widen_factor=0.125)) == "backbone.layer4"
     dn = get_encoder_entry("densenet121").cls
     assert X.gradcam_target_layer(create_encoder("densenet121", 3, 1, 8, **dn.example_kwargs)) == \
