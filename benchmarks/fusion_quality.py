@@ -11,7 +11,8 @@ run-to-run noise of the test c-index, about 0.04 on the demo):
    single-modality models come from the ``concat`` run's ablation (they do
    not depend on the strategy).  Checks: every strategy beats every single
    modality; ``cross_attention`` and ``late`` come within 0.02 of the best
-   strategy.
+   strategy; the gap of each strategy to the best is printed with its paired
+   standard error over seeds.
 2. **Missing modalities at test time**: a ``concat`` model trained with
    ``training.modality_dropout`` (default 0.3) is evaluated on the test
    patients with each present non-clinical modality hidden with probability
@@ -24,7 +25,9 @@ run-to-run noise of the test c-index, about 0.04 on the demo):
    adversary, and the site-probe AUC on the fused embedding (training sites'
    patients, cross-validated logistic regression) is <= 0.60 with the
    adversary and clearly higher (>= 0.65) without.  ``--seeds 0,1,2`` repeats
-   the pair with other run seeds and checks every seed and the mean gain.
+   the pair with other run seeds and checks every seed and the mean gain;
+   ``--ceiling`` adds the plain config trained without CT (no access to the
+   scanner shortcut), the reference for how much removal could gain.
 
 Usage::
 
@@ -102,10 +105,19 @@ def part_strategies(cohort: Path, out: Path, *, seeds=(0,)) -> dict:
     print("  mean over seeds: " + ", ".join(f"{s} {c:.3f}" for s, c in sorted(mean.items(), key=lambda x: -x[1]))
           + "; single modalities: " + ", ".join(f"{k} {c:.3f}" for k, c in sorted(single.items(),
                                                                                    key=lambda x: -x[1])), flush=True)
+    best_name = max(mean, key=mean.get)
+    gap_se = {}
+    for s in available:  # paired over seeds: the split and the test patients are shared within a seed
+        se = _mean_se([per_seed[str(k)][best_name] - per_seed[str(k)][s] for k in seeds])[1]
+        gap_se[s] = round(se, 4) if np.isfinite(se) else None
+    print(f"  gap to the best ({best_name}), paired SE over seeds: "
+          + ", ".join(f"{s} {best - mean[s]:.3f} (SE {gap_se[s]})" for s in available if s != best_name), flush=True)
     return {
         "seeds": list(seeds), "per_seed": per_seed, "strategies": mean, "single_modality": single,
         "every_strategy_beats_every_single": all(c > worst_single for c in mean.values()),
+        "best": best_name,
         "within_0.02_of_best": {s: round(best - mean[s], 4) for s in ("cross_attention", "late") if s in mean},
+        "gap_to_best_se": gap_se,
     }
 
 
@@ -161,12 +173,24 @@ def part_dropout(cohort: Path, out: Path, *, dropout: float = 0.3, p: float = 0.
     return res
 
 
-def part_confounders(cohort: Path, out: Path, *, seeds=(0,), adversarial_overrides: dict | None = None) -> dict:
+def part_confounders(cohort: Path, out: Path, *, seeds=(0,), adversarial_overrides: dict | None = None,
+                     ceiling: bool = False) -> dict:
     """Plain vs adversarial leave-one-site-out runs, once per seed (the seed changes the training/validation
-    split of the training sites and the initial weights; the held-out site is the same)."""
+    split of the training sites and the initial weights; the held-out site is the same).
+
+    ``ceiling``: also train the plain config without CT, the modality that carries the demo's scanner
+    shortcut.  That model cannot use the shortcut at all, so its gain over the plain one is about what a
+    perfect removal of the shortcut could gain (it also loses CT's real signal, which is small on the demo)."""
     res: dict = {"per_seed": {}}
     for seed in seeds:
         row = {}
+        if ceiling:
+            cfg = _cfg("demo_loso_plain", cohort, seed=seed)
+            del cfg.modalities["ct"]
+            m = _run(cfg, out / f"demo_loso_plain_no_ct_seed{seed}")
+            row["plain_without_ct"] = {"c_index": m["folds"][0]["c_index"], "probe_auc": m["confounder_probe_auc"]}
+            print(f"  seed {seed} {'plain without CT':<24} held-out {m['folds'][0]['site']} c-index "
+                  f"{m['folds'][0]['c_index']:.3f}  probe AUC {m['confounder_probe_auc']}", flush=True)
         for name in ("demo_loso_plain", "demo_loso_adversarial"):
             over = dict(adversarial_overrides or {}) if name == "demo_loso_adversarial" else {}
             over["seed"] = seed
@@ -177,12 +201,17 @@ def part_confounders(cohort: Path, out: Path, *, seeds=(0,), adversarial_overrid
             print(f"  seed {seed} {name:<24} held-out {fold['site']} c-index {fold['c_index']:.3f}  probe AUC "
                   f"{m['confounder_probe_auc']}  ({m['_seconds']:.0f} s)", flush=True)
         row["c_gain"] = round(row["demo_loso_adversarial"]["c_index"] - row["demo_loso_plain"]["c_index"], 4)
+        if ceiling:
+            row["c_gain_without_ct"] = round(row["plain_without_ct"]["c_index"] - row["demo_loso_plain"]["c_index"], 4)
         res["per_seed"][str(seed)] = row
     rows = list(res["per_seed"].values())
     gains = [r["c_gain"] for r in rows]
     adv_probe = [r["demo_loso_adversarial"]["probe_auc"].get("site", 1.0) for r in rows]
     plain_probe = [r["demo_loso_plain"]["probe_auc"].get("site", 0.0) for r in rows]
     res["c_gain_mean"] = round(float(np.mean(gains)), 4)
+    if ceiling:
+        res["c_gain_without_ct_mean"] = round(float(np.mean([r["c_gain_without_ct"] for r in rows])), 4)
+        print(f"  ceiling: the plain config without CT gains {res['c_gain_without_ct_mean']:+.3f} on average", flush=True)
     se = _mean_se(gains)[1]
     res["c_gain_se"] = round(se, 4) if np.isfinite(se) else None  # paired over seeds
     res["checks"] = {
@@ -208,6 +237,9 @@ def main(argv=None) -> int:
     ap.add_argument("--adversarial-overrides", default=None,
                     help="part 3: JSON overrides of demo_loso_adversarial.yaml, e.g. "
                          "'{\"training\": {\"sampling\": \"site_stratified\"}}'")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="part 3: also train the plain config without CT (it cannot see the scanner shortcut): "
+                         "about the most a perfect removal of the shortcut could gain")
     args = ap.parse_args(argv)
     import torch
 
@@ -233,7 +265,7 @@ def main(argv=None) -> int:
     if 3 in parts:
         print("3. leave the held-out site out: plain vs adversarial", flush=True)
         report["confounders"] = part_confounders(
-            cohort, args.out, seeds=seeds,
+            cohort, args.out, seeds=seeds, ceiling=args.ceiling,
             adversarial_overrides=json.loads(args.adversarial_overrides) if args.adversarial_overrides else None)
     print("\n" + json.dumps(report, indent=2))
     (args.out / "fusion_quality.json").write_text(json.dumps(report, indent=2))
