@@ -26,7 +26,9 @@ run-to-run noise of the test c-index, about 0.04 on the demo):
    patients, cross-validated logistic regression) is <= 0.60 with the
    adversary and clearly higher (>= 0.65) without.  ``--seeds 0,1,2`` repeats
    the pair with other run seeds and checks every seed and the mean gain;
-   ``--ceiling`` adds the plain config trained without CT (no access to the
+   each run also reports the correlation, at the held-out site, between the
+   CT part of the fused risk and the SHARP protocol (how much the model uses
+   the shortcut); ``--ceiling`` adds the plain config trained without CT (no access to the
    scanner shortcut), the reference for how much removal could gain.
 
 Usage::
@@ -50,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusion.config import default_config_dir, load_config  # noqa: E402
-from fusion.experiment import load_trained_fold, run_experiment  # noqa: E402
+from fusion.experiment import fold_dirs, load_trained_fold, run_experiment  # noqa: E402
 from fusion.metrics import harrell_c  # noqa: E402
 from fusion.strategies import list_fusions  # noqa: E402
 from fusion.train import predict  # noqa: E402
@@ -173,6 +175,29 @@ def part_dropout(cohort: Path, out: Path, *, dropout: float = 0.3, p: float = 0.
     return res
 
 
+def _ct_shortcut_reliance(run: Path) -> float | None:
+    """At the held-out site: Pearson correlation between the CT part of the fused risk (risk minus the risk
+    with CT hidden) and the demo's SHARP scanner protocol (``scanner`` ending in ``-SHARP``).  Near 0 when
+    the model does not use the protocol; None without CT or a scanner column."""
+    import torch
+
+    fold = load_trained_fold(fold_dirs(run)[0], ablation=False)
+    t = fold.tensors["test"]
+    scanner = fold.cohort.confounders.get("scanner")
+    if "ct" not in list(t["modalities"]) or scanner is None:
+        return None
+    sharp = np.array([str(v).endswith("-SHARP") for v in scanner[fold.splits["test"]]], dtype=float)
+    hidden = t["present"].clone()
+    hidden[:, list(t["modalities"]).index("ct")] = False
+    model = fold.models["fused"]
+    with torch.no_grad():
+        r_ct = predict(model, t, device=fold.device)["risk"] - predict(model, dict(t, present=hidden),
+                                                                        device=fold.device)["risk"]
+    if sharp.std() == 0 or np.std(r_ct) == 0:
+        return None
+    return round(float(np.corrcoef(r_ct, sharp)[0, 1]), 3)
+
+
 def part_confounders(cohort: Path, out: Path, *, seeds=(0,), adversarial_overrides: dict | None = None,
                      ceiling: bool = False) -> dict:
     """Plain vs adversarial leave-one-site-out runs, once per seed (the seed changes the training/validation
@@ -196,10 +221,13 @@ def part_confounders(cohort: Path, out: Path, *, seeds=(0,), adversarial_overrid
             over["seed"] = seed
             m = _run(_cfg(name, cohort, **over), out / f"{name}_seed{seed}")
             fold = m["folds"][0]
+            reliance = _ct_shortcut_reliance(out / f"{name}_seed{seed}")
             row[name] = {"held_out_site": fold["site"], "c_index": fold["c_index"],
-                         "probe_auc": m["confounder_probe_auc"], "seconds": m["_seconds"]}
+                         "probe_auc": m["confounder_probe_auc"], "ct_risk_vs_sharp_corr": reliance,
+                         "seconds": m["_seconds"]}
             print(f"  seed {seed} {name:<24} held-out {fold['site']} c-index {fold['c_index']:.3f}  probe AUC "
-                  f"{m['confounder_probe_auc']}  ({m['_seconds']:.0f} s)", flush=True)
+                  f"{m['confounder_probe_auc']}  corr(CT part of risk, SHARP) {reliance}  ({m['_seconds']:.0f} s)",
+                  flush=True)
         row["c_gain"] = round(row["demo_loso_adversarial"]["c_index"] - row["demo_loso_plain"]["c_index"], 4)
         if ceiling:
             row["c_gain_without_ct"] = round(row["plain_without_ct"]["c_index"] - row["demo_loso_plain"]["c_index"], 4)
