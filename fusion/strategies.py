@@ -161,6 +161,16 @@ class LowRankTensorFusion(_FusionBase):
         z = sum_{r=1}^{R} lambda_r * prod_m ( W_m^{(r)} [h_m; 1] )
 
     A missing modality is replaced by a learned token (as in ``concat``).
+
+    Initialisation: the row of each factor that multiplies the appended 1 is
+    set to 1 and the other rows are Xavier-normal (small), so every factor
+    ``W_m^{(r)} [h_m; 1]`` starts near 1 and the product near
+    ``1 + sum_m (linear term of h_m)``: the fusion starts as an additive model
+    and learns the interactions from there.  With all rows Xavier-normal, as
+    a plain initialisation gives, the product of six near-zero factors
+    vanishes and training was unstable on the demo (held-out c-index over 10
+    run seeds 0.620 on average, 0.496 at the worst; with this initialisation
+    0.731, worst 0.687; ``benchmarks/fusion_quality.py --parts 1``).
     """
 
     def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, *, dropout: float = 0.2,
@@ -174,6 +184,8 @@ class LowRankTensorFusion(_FusionBase):
         for m, d in self.modality_to_dim.items():
             w = torch.empty(rank, d + 1, out_dim)
             nn.init.xavier_normal_(w)
+            with torch.no_grad():
+                w[:, d, :] = 1.0  # the row of the appended 1: every factor starts near 1
             self.factors[m] = nn.Parameter(w)
         self.rank_weights = nn.Parameter(torch.full((rank,), 1.0 / rank))
         self.bias = nn.Parameter(torch.zeros(out_dim))

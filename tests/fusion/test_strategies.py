@@ -70,6 +70,23 @@ def test_low_rank_tensor_fusion_equals_kronecker_product_with_the_factorised_wei
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_low_rank_tensor_fusion_starts_as_an_additive_model():
+    """Each factor's row for the appended 1 starts at 1, so at initialisation z(0) = sum_r lambda_r = 1 and, to
+    first order in the embeddings, z = 1 + sum_r lambda_r sum_m W_m^r h_m (no vanishing product of six factors)."""
+    torch.manual_seed(0)
+    dims = {m: 4 for m in ("a", "b", "c", "d", "e", "f")}
+    f = create_fusion("tensor", dims, 5, dropout=0.0, rank=3).eval()
+    present = {m: torch.ones(2, dtype=torch.bool) for m in dims}
+    zero = {m: torch.zeros(2, 4) for m in dims}
+    torch.testing.assert_close(f(zero, present)["embedding"], torch.ones(2, 5))
+    h = {m: torch.randn(2, 4) for m in dims}
+    eps = 1e-3
+    got = (f({m: eps * v for m, v in h.items()}, present)["embedding"] - 1.0) / eps
+    lam = f.rank_weights
+    linear = sum(torch.einsum("r,bd,rdo->bo", lam, h[m], f.factors[m][:, :4, :]) for m in dims)
+    torch.testing.assert_close(got, linear, atol=5e-3, rtol=5e-3)
+
+
 @pytest.mark.parametrize("kw, field", [({"rank": 0}, "rank"), ({"num_heads": 3}, "num_heads"),
                                        ({"attn_dim": 0}, "attn_dim")])
 def test_bad_arguments_name_the_argument(kw, field):
