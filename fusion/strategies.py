@@ -231,23 +231,41 @@ class CrossModalAttentionFusion(_FusionBase):
     ``out_dim`` plus a learned modality-type embedding); a learned [CLS] token
     is prepended; ``num_layers`` transformer blocks (Vaswani et al. 2017) attend
     only to the [CLS] token and the present modalities (absent ones are masked
-    as keys).  The fused embedding is the final [CLS] token; ``attention`` is
-    the last block's [CLS]-to-modality attention (averaged over heads),
-    renormalised over modalities.
+    as keys).  The fused embedding depends on ``readout``:
+
+    - ``"cls"`` (default): the final [CLS] token (after a LayerNorm), as in
+      BERT/ViT; ``attention`` is the last block's [CLS]-to-modality attention
+      (averaged over heads), renormalised over the present modalities;
+    - ``"concat"``: the final [CLS] token and every modality's output token
+      (a learned "missing" vector in place of an absent modality's),
+      concatenated and projected to ``out_dim`` by Linear -> ReLU -> Dropout,
+      as the Multimodal Transformer concatenates its cross-modal
+      transformers' outputs before the prediction head (Tsai et al. 2019,
+      ACL, "Multimodal transformer for unaligned multimodal language
+      sequences", section 3.3).  ``attention`` is then the last block's
+      attention to each present modality averaged over every present query
+      token (the [CLS] token and the present modalities), renormalised.
     """
 
     def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, *, dropout: float = 0.1,
-                 num_heads: int = 4, num_layers: int = 2) -> None:
+                 num_heads: int = 4, num_layers: int = 2, readout: str = "cls") -> None:
         super().__init__(modality_to_dim, out_dim, dropout)
         if num_heads < 1 or out_dim % num_heads:
             raise ValueError(f"num_heads must divide out_dim ({out_dim}), got {num_heads}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if readout not in ("cls", "concat"):
+            raise ValueError(f"readout must be 'cls' or 'concat', got {readout!r}")
+        self.readout = readout
         self.proj = nn.ModuleDict({m: nn.Linear(d, out_dim) for m, d in self.modality_to_dim.items()})
         self.type_emb = nn.Parameter(torch.randn(len(self.modalities), out_dim) / math.sqrt(out_dim))
         self.cls = nn.Parameter(torch.zeros(1, 1, out_dim))
         self.blocks = nn.ModuleList([_AttnBlock(out_dim, num_heads, dropout) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(out_dim)
+        if readout == "concat":
+            self.missing = nn.Parameter(torch.zeros(len(self.modalities), out_dim))
+            self.readout_proj = nn.Sequential(nn.Linear((len(self.modalities) + 1) * out_dim, out_dim), nn.ReLU(),
+                                              nn.Dropout(dropout))
 
     def forward(self, embeddings, present) -> dict:
         embeddings = self._zero_absent(embeddings, present)
@@ -261,9 +279,17 @@ class CrossModalAttentionFusion(_FusionBase):
         w = None
         for blk in self.blocks:
             x, w = blk(x, pad)
-        attn = w[:, 0, 1:] * mask
+        if self.readout == "cls":
+            attn = w[:, 0, 1:] * mask
+            attn = attn / attn.sum(1, keepdim=True).clamp_min(1e-12)
+            return {"embedding": self.norm(x[:, 0]), "attention": attn}
+        x = self.norm(x)
+        toks = torch.where(mask.unsqueeze(-1), x[:, 1:], self.missing.to(x.dtype).unsqueeze(0))
+        emb = self.readout_proj(torch.cat([x[:, 0], toks.flatten(1)], dim=1))
+        queries = (~pad).to(w.dtype)  # (B, 1 + M): [CLS] and the present modalities
+        attn = (w[:, :, 1:] * queries.unsqueeze(-1)).sum(1) * mask
         attn = attn / attn.sum(1, keepdim=True).clamp_min(1e-12)
-        return {"embedding": self.norm(x[:, 0]), "attention": attn}
+        return {"embedding": emb, "attention": attn}
 
 
 @register_fusion("bilinear")

@@ -4,6 +4,9 @@ import torch
 from fusion.strategies import create_fusion, list_fusions
 
 DIMS = {"ct": 6, "ehr": 4, "omics": 5}
+#: every registered strategy with its defaults, plus the non-default variants that change the forward pass
+VARIANTS = [(n, {}) for n in list_fusions()] + [("cross_attention", {"readout": "concat"})]
+_IDS = [n + ("-" + "-".join(f"{k}={v}" for k, v in kw.items()) if kw else "") for n, kw in VARIANTS]
 
 
 def _inputs(b=5, seed=0):
@@ -17,10 +20,10 @@ def _inputs(b=5, seed=0):
     return emb, present
 
 
-@pytest.mark.parametrize("name", list_fusions())
-def test_strategy_contract(name):
+@pytest.mark.parametrize("name, kw", VARIANTS, ids=_IDS)
+def test_strategy_contract(name, kw):
     torch.manual_seed(0)
-    f = create_fusion(name, DIMS, 8).eval()
+    f = create_fusion(name, DIMS, 8, **kw).eval()
     emb, present = _inputs()
     out = f(emb, present)
     assert out["embedding"].shape == (5, 8) and torch.isfinite(out["embedding"]).all()
@@ -41,9 +44,9 @@ def test_strategy_contract(name):
         assert (a[~mask] == 0).all()
 
 
-@pytest.mark.parametrize("name", list_fusions())
-def test_strategy_trains(name):
-    f = create_fusion(name, DIMS, 8).train()
+@pytest.mark.parametrize("name, kw", VARIANTS, ids=_IDS)
+def test_strategy_trains(name, kw):
+    f = create_fusion(name, DIMS, 8, **kw).train()
     emb, present = _inputs()
     emb = {m: e.requires_grad_() for m, e in emb.items()}
     f(emb, present)["embedding"].sum().backward()
@@ -88,9 +91,10 @@ def test_low_rank_tensor_fusion_starts_as_an_additive_model():
 
 
 @pytest.mark.parametrize("kw, field", [({"rank": 0}, "rank"), ({"num_heads": 3}, "num_heads"),
-                                       ({"attn_dim": 0}, "attn_dim")])
+                                       ({"attn_dim": 0}, "attn_dim"), ({"readout": "mean"}, "readout")])
 def test_bad_arguments_name_the_argument(kw, field):
-    name = {"rank": "tensor", "num_heads": "cross_attention", "attn_dim": "gated_attention"}[field]
+    name = {"rank": "tensor", "num_heads": "cross_attention", "attn_dim": "gated_attention",
+            "readout": "cross_attention"}[field]
     with pytest.raises(ValueError, match=field):
         create_fusion(name, DIMS, 8, **kw)
 
@@ -112,10 +116,10 @@ def _all_patterns(seed=0):
     return emb, present
 
 
-@pytest.mark.parametrize("name", list_fusions())
-def test_every_missing_pattern_ignores_absent_rows_even_nan(name):
+@pytest.mark.parametrize("name, kw", VARIANTS, ids=_IDS)
+def test_every_missing_pattern_ignores_absent_rows_even_nan(name, kw):
     torch.manual_seed(0)
-    f = create_fusion(name, DIMS, 9 if name != "cross_attention" else 8).eval()
+    f = create_fusion(name, DIMS, 9 if name != "cross_attention" else 8, **kw).eval()
     emb, present = _all_patterns()
     out = f(emb, present)
     poisoned = {m: torch.where(present[m].unsqueeze(1), e, torch.full_like(e, float("nan"))) for m, e in emb.items()}
@@ -129,10 +133,10 @@ def test_every_missing_pattern_ignores_absent_rows_even_nan(name):
         torch.testing.assert_close(one["embedding"], out["embedding"][i:i + 1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list_fusions())
-def test_every_missing_pattern_gradients_are_finite_and_skip_absent_rows(name):
+@pytest.mark.parametrize("name, kw", VARIANTS, ids=_IDS)
+def test_every_missing_pattern_gradients_are_finite_and_skip_absent_rows(name, kw):
     torch.manual_seed(0)
-    f = create_fusion(name, DIMS, 8).train()
+    f = create_fusion(name, DIMS, 8, **kw).train()
     emb, present = _all_patterns(seed=1)
     emb = {m: torch.where(present[m].unsqueeze(1), e, torch.full_like(e, float("nan"))).requires_grad_()
            for m, e in emb.items()}
