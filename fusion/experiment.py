@@ -174,11 +174,14 @@ def _train_stacked(cfg, cohort, splits, tf, tensors, device, progress, out: Path
        same validation split) predicts the held-out fold.
     3. A penalised Cox model (:class:`fusion.stacking.CoxStacker`,
        ``fusion.kwargs.penalizer``, default 0.1) on the out-of-fold risks
-       (missing modality = NaN, with indicators) gives the weights;
+       (missing modality = NaN, with indicators) gives the weights.  Every
+       model's risks (fold or final) are first standardised with the mean and
+       SD of its own predictions on the patients it was trained on, so the
+       fold models' pooled risks and the final models' risks share one scale;
        ``checkpoint.pt`` holds the stacked model (step-1 models + weights).
     """
     from fusion.data import take
-    from fusion.stacking import CoxStacker, StackedLateFusion, oof_folds
+    from fusion.stacking import CoxStacker, StackedLateFusion, oof_folds, own_training_scale
 
     scfg = _single_modality_cfg(cfg)
     k = int(cfg.fusion.kwargs.get("inner_folds", 3))
@@ -197,15 +200,25 @@ def _train_stacked(cfg, cohort, splits, tf, tensors, device, progress, out: Path
         inner = {"train": take(train, tr_idx), "validation": tensors["validation"]}
         for j, m in enumerate(cohort.modalities):
             mm, _ = _build_and_train(scfg, [m], tf, inner, device, progress, f"oof {f + 1}/{k} {m}", cfg.seed)
+            # A Cox risk is identified up to its offset and each fold's model has its own scale:
+            # put every fold's risks on the scale of that model's own training predictions
+            # before they are pooled (see fusion.stacking.own_training_scale).
+            col = names.index(m)
+            mu, sd = own_training_scale(predict(mm, inner["train"], device=device)["risk"], present[tr_idx, col])
             r = predict(mm, take(train, te_idx), device=device)["risk"]
-            has = present[te_idx, names.index(m)]
-            oof[te_idx[has], j] = r[has]
+            has = present[te_idx, col]
+            oof[te_idx[has], j] = (r[has] - mu) / sd
     stacker = CoxStacker(penalizer=penalizer).fit(oof, train["time"].numpy(), train["event"].numpy())
-    fused = StackedLateFusion.from_stacker(singles, stacker).to(device).eval()
+    own = [own_training_scale(predict(singles[m], train, device=device)["risk"], present[:, names.index(m)])
+           for m in cohort.modalities]
+    fused = StackedLateFusion.from_stacker(singles, stacker, risk_mean=[o[0] for o in own],
+                                           risk_scale=[o[1] for o in own]).to(device).eval()
     _save_model(out / "checkpoint.pt", fused, cohort.modalities, cfg)
     atomic_write_json(out / "stacker.json", {
         "modalities": cohort.modalities, "coef": stacker.coef_.tolist(), "missing_coef": stacker.missing_coef_.tolist(),
         "inner_folds": k, "penalizer": penalizer,
+        # each final single-modality model's risk is standardised by its own training predictions first
+        "own_training_mean": [o[0] for o in own], "own_training_sd": [o[1] for o in own],
     })
     histories["fused"] = []
     log.info("late_stacking weights %s", dict(zip(cohort.modalities, np.round(stacker.coef_, 3).tolist())))
