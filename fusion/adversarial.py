@@ -6,6 +6,13 @@ components: continuous).  The heads learn to predict the confounders; the
 reversed gradient pushes the encoders and the fusion towards an embedding from
 which the confounders cannot be predicted (Ganin et al. 2016, JMLR 17:59,
 "Domain-adversarial training of neural networks", eqs. 9-10 and section 5.2.2).
+
+``mode="closed_form"`` (the config default) trains no head: the encoders
+minimise :func:`linear_dependence` between each confounder and the embedding
+(and the risk), what a linear adversary at its best response exploits.  On
+the demo's leave-one-site-out benchmark the trained ("confusion") adversary
+was fooled while the risk kept the scanner shortcut; the closed form removed
+it (README, Confounders).
 """
 from __future__ import annotations
 
@@ -63,8 +70,8 @@ class ConfounderAdversary(nn.Module):
     def __init__(self, in_dim: int, confounders: Mapping[str, int], *, hidden: int = 32,
                  mode: str = "reverse") -> None:
         super().__init__()
-        if mode not in ("reverse", "confusion"):
-            raise ValueError(f"mode must be 'reverse' or 'confusion', got {mode!r}")
+        if mode not in ("reverse", "confusion", "closed_form"):
+            raise ValueError(f"mode must be 'reverse', 'confusion' or 'closed_form', got {mode!r}")
         self.mode = mode
         if in_dim < 1:
             raise ValueError(f"in_dim must be >= 1, got {in_dim}")
@@ -89,13 +96,24 @@ class ConfounderAdversary(nn.Module):
         z = grad_reverse(embedding, self.lambd) if self.mode == "reverse" else embedding
         return {n: (h(z) if self.kinds[n] >= 2 else h(z).reshape(-1)) for n, h in self.heads.items()}
 
-    def encoder_loss(self, embedding: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def encoder_loss(self, embedding: torch.Tensor, targets: Mapping[str, torch.Tensor],
+                     risk: torch.Tensor | None = None) -> torch.Tensor:
         """The confounder term of the encoders' training loss.
 
         ``mode="reverse"`` (DANN): the heads' own loss through the gradient
         reversal layer, so encoders ascend the adversary's cross-entropy.
         Ascending a cross-entropy can be won by making the adversary
         *confidently wrong*, which keeps (inverts) the confounder information.
+
+        ``mode="closed_form"``: no trained adversary.  The encoders minimise
+        ``lambd`` times the mean :func:`linear_dependence` of each confounder
+        in the batch with the embedding and (given ``risk``, the model's raw
+        head output) with the risk: the quantity every linear adversary
+        exploits, computed exactly instead of through an adversary that may
+        lag behind the encoders.  The risk gets a term of its own because the
+        embedding's term, normalised over all its directions, can be small
+        while the one direction the risk head reads still differs between
+        the groups.
 
         ``mode="confusion"``: the heads are frozen for this term and the
         encoders minimise ``lambd`` times a no-information loss: for a
@@ -111,6 +129,13 @@ class ConfounderAdversary(nn.Module):
         """
         if self.mode == "reverse":
             return self.loss(self(embedding), targets)
+        if self.mode == "closed_form":
+            inputs = [embedding] if risk is None else [embedding, risk.reshape(embedding.shape[0], -1)]
+            losses = [d for x in inputs for n in self.kinds
+                      if (d := linear_dependence(x, targets[n], self.kinds[n])) is not None]
+            if not losses:
+                return embedding.sum() * 0.0
+            return self.lambd * torch.stack(losses).mean()
         from torch.func import functional_call
 
         from fusion.losses import cfnet_correlation_loss
@@ -157,6 +182,49 @@ class ConfounderAdversary(nn.Module):
         if not losses:
             return next(iter(logits.values())).sum() * 0.0
         return torch.stack(losses).mean()
+
+
+def linear_dependence(embedding: torch.Tensor, target: torch.Tensor, kind: int) -> torch.Tensor | None:
+    """Normalised cross-covariance of a batch's embedding and one confounder, in [0, 1].
+
+    With ``Z`` the centred embedding ``(B, D)`` and ``Y`` the centred
+    confounder (one-hot ``(B, K)`` for a categorical one, ``kind >= 2``; the
+    value ``(B, 1)`` for a continuous one, ``kind == 0``)::
+
+        dep = ||Z^T Y||_F^2 / (||Z^T Z||_F ||Y^T Y||_F)
+
+    the linear-kernel HSIC (Gretton et al. 2005, ALT, "Measuring statistical
+    dependence with Hilbert-Schmidt norms") normalised as linear CKA
+    (Kornblith et al. 2019, ICML, eq. 5).  It is 0 exactly when every
+    coordinate of ``Z`` has the same mean in every confounder group (zero
+    correlation with a continuous one): then no linear function of the
+    embedding, such as a logistic-regression adversary at its best response
+    (whose score at the prior is ``Z^T Y``) or a linear risk head, differs
+    between the groups on average.  Minimising it solves the inner
+    maximisation of a linear adversary in closed form, as Sadeghi, Yu &
+    Boddeti (2019, ICCV, "On the global optima of kernelized adversarial
+    representation learning") do.  Unknown categories (< 0) and NaN values
+    are left out; None when fewer than 3 patients or only one group remain.
+    """
+    y = target
+    keep = (y >= 0) if kind >= 2 else torch.isfinite(y)
+    if int(keep.sum()) < 3:
+        return None
+    z = embedding[keep]
+    if kind >= 2:
+        yk = F.one_hot(y[keep].long(), num_classes=kind).to(z.dtype)
+        yk = yk[:, yk.sum(0) > 0]
+        if yk.shape[1] < 2:
+            return None
+    else:
+        yk = y[keep].to(z.dtype).reshape(-1, 1)
+    z = z - z.mean(0, keepdim=True)
+    yk = yk - yk.mean(0, keepdim=True)
+    yy = torch.linalg.matrix_norm(yk.T @ yk)
+    if float(yy) <= 1e-12:
+        return None
+    zz = torch.linalg.matrix_norm(z.T @ z)
+    return (z.T @ yk).pow(2).sum() / (zz * yy).clamp_min(1e-12)
 
 
 def adversary_inner_steps(adversary: ConfounderAdversary, optimizer: torch.optim.Optimizer,

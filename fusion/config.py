@@ -248,16 +248,19 @@ class AdversaryConfig(_Strict):
     weight: float = Field(1.0, ge=0.0)
     lambda_max: float = Field(3.0, ge=0.0, description="GRL strength reached at the end of training")
     hidden: int = Field(0, ge=0, description="hidden size of each adversary head; 0 = linear heads")
-    steps: int = Field(5, ge=0, description="adversary-only updates per training step")
+    steps: int = Field(5, ge=0, description="adversary-only updates per training step (modes confusion and reverse; "
+                                            "closed_form trains no adversary)")
     input: Union[Literal["fused", "fused_and_modalities"], list[str]] = Field(
         "fused", description="what the adversary reads: the fused embedding, or the fused embedding concatenated "
                              "with every modality's embedding (zeros where absent), so that no modality encoder "
                              "keeps the confounder either; or a list of parts, e.g. [fused, ct]: the fused "
                              "embedding and the CT encoder's (where a scanner shortcut enters)")
-    mode: Literal["reverse", "confusion"] = Field(
-        "confusion", description="reverse: DANN gradient reversal of the adversary's loss; confusion: encoders "
+    mode: Literal["reverse", "confusion", "closed_form"] = Field(
+        "closed_form", description="reverse: DANN gradient reversal of the adversary's loss; confusion: encoders "
                                  "push the adversary's prediction to the class prior (categorical) or to zero "
-                                 "correlation (continuous, CF-Net)")
+                                 "correlation (continuous, CF-Net); closed_form: encoders minimise the normalised "
+                                 "cross-covariance of the embedding and each confounder (linear CKA), what a "
+                                 "linear adversary at its best response exploits, with no adversary to train")
 
 
 class TrainingConfig(_Strict):

@@ -112,7 +112,8 @@ def _build_and_train(cfg, modalities, tf, tensors, device, progress, desc, seed,
 
     return train_model(model, tensors["train"], tensors["validation"], cfg.training, seed=seed, device=device,
                        progress=progress, desc=desc, lambda_max=cfg.adversary.lambda_max,
-                       adversary_steps=cfg.adversary.steps if cfg.adversary.enabled else 0,
+                       adversary_steps=(cfg.adversary.steps if cfg.adversary.enabled
+                                        and cfg.adversary.mode != "closed_form" else 0),
                        augment=augment or None, state_path=state_path, batch_order=batch_order)
 
 

@@ -339,7 +339,7 @@ class FusionModel(nn.Module):
                     out["loss_aux"] = torch.stack(aux).mean()
                     out["loss"] = out["loss"] + self.aux_loss_weight * out["loss_aux"]
             if self.adversary is not None and "confounders" in batch:
-                out["loss_adv"] = self.adversary.encoder_loss(adv_in, batch["confounders"])
+                out["loss_adv"] = self.adversary.encoder_loss(adv_in, batch["confounders"], risk=raw)
                 out["loss"] = out["loss"] + self.adversary_weight * out["loss_adv"]
         return out
 
