@@ -241,8 +241,11 @@ def _model_details(config: dict, task: str) -> list[str]:
     adv = _get(config, "adversary", default={}) or {}
     if isinstance(adv, dict) and adv.get("enabled"):
         conf = ", ".join(str(c) for c in adv.get("confounders", []) or [])
-        lines.append(f"- Confounder removal: adversarial heads (gradient reversal) on {_cell(conf) or 'none'}, "
-                     f"weight {_fmt(adv.get('weight'))}")
+        how = {"closed_form": "closed-form linear dependence penalty (embedding and risk vs each confounder)",
+               "confusion": "adversarial heads (domain confusion)",
+               "reverse": "adversarial heads (gradient reversal)"}.get(str(adv.get("mode", "closed_form")),
+                                                                       f"mode {_cell(str(adv.get('mode')))}")
+        lines.append(f"- Confounder removal: {how} on {_cell(conf) or 'none'}, weight {_fmt(adv.get('weight'))}")
     else:
         lines.append("- Confounder removal: none (adversaries disabled)")
     split = _get(config, "split", default={}) or {}

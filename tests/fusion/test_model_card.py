@@ -67,8 +67,12 @@ def test_card_has_sections_and_numbers(tmp_path):
                      "| Calibration: slope | 0.877 |", "| Hospital-A | 95 | 44 | 0.731 | 0.660 to 0.790 |",
                      "| Hospital-C | 13 | 0 | not computed | not computed |", "| 2 | 0.732 |",
                      "| site | 0.812 |", "| omics | 240 | 50.0% |", "| ct | 470 | 2.1% |", "| test | 120 | 55 |",
-                     "Patients: 480", "not a medical device", "td-AUC undefined"]:
+                     "Patients: 480", "not a medical device", "td-AUC undefined",
+                     "Confounder removal: closed-form linear dependence penalty"]:  # the default mode
         assert expected in text, expected
+    reverse = dict(CONFIG, adversary=dict(CONFIG["adversary"], mode="reverse"))
+    text = write_model_card(tmp_path / "rev", config=reverse, metrics=METRICS, cohort_summary=COHORT).read_text()
+    assert "Confounder removal: adversarial heads (gradient reversal) on site" in text
 
 
 def test_caveats_triggered_by_planted_conditions(tmp_path):
