@@ -37,8 +37,8 @@ def test_adversary_arguments_and_ignored_targets():
     assert torch.isfinite(loss)
 
 
-def _train(adversarial: bool, seed=0):
-    """Survival depends on s; site shifts a nuisance feature (a scanner artefact)."""
+def _planted_site_task(seed=0):
+    """Survival depends on s; site shifts a nuisance feature (a scanner artefact).  600 patients, all events."""
     rng = np.random.default_rng(seed)
     n = 600
     site = rng.integers(0, 2, n)
@@ -46,6 +46,11 @@ def _train(adversarial: bool, seed=0):
     X = np.c_[s + 0.3 * rng.normal(size=n), 2.0 * site + 0.3 * rng.normal(size=n), rng.normal(size=(n, 2))]
     t = rng.exponential(np.exp(-s))
     Xt, tt, et = torch.tensor(X, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), torch.ones(n, dtype=torch.bool)
+    return site, s, Xt, tt, et
+
+
+def _train(adversarial: bool, seed=0):
+    site, s, Xt, tt, et = _planted_site_task(seed)
     torch.manual_seed(seed)
     enc = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
     head = torch.nn.Linear(8, 1)
@@ -126,13 +131,7 @@ def test_linear_dependence_is_zero_when_group_means_are_equal():
 
 def test_closed_form_mode_removes_the_site_from_the_embedding_and_keeps_the_signal():
     """As test_gradient_reversal_removes_the_site_from_the_embedding, with no adversary to train."""
-    rng = np.random.default_rng(0)
-    n = 600
-    site = rng.integers(0, 2, n)
-    s = rng.normal(size=n)
-    X = np.c_[s + 0.3 * rng.normal(size=n), 2.0 * site + 0.3 * rng.normal(size=n), rng.normal(size=(n, 2))]
-    t = rng.exponential(np.exp(-s))
-    Xt, tt, et = torch.tensor(X, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), torch.ones(n, dtype=torch.bool)
+    site, s, Xt, tt, et = _planted_site_task(0)
     target = {"site": torch.tensor(site)}
 
     def train(weight):
