@@ -248,6 +248,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = T
     else:
         _prepare_run_dir(out, overwrite)
     handler = _setup_logging(out)
+    threads = torch.get_num_threads()
     try:
         t0 = time.time()
         device = _configure_torch(cfg)
@@ -290,6 +291,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, *, progress: bool = T
         log.info("held-out %s (fused): %s", *_headline(metrics))
         return metrics
     finally:
+        torch.set_num_threads(threads)  # a config's training.num_threads holds for this run only
         log.removeHandler(handler)
         handler.close()
 

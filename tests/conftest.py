@@ -39,6 +39,18 @@ def demo_phi():
     return _demo_phi_values
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that changes torch's intra-op thread count (a config's ``training.num_threads``, a DDP test)
+    must not slow every later test: the count is put back after each test."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("CI", "").lower() != "true":
         return

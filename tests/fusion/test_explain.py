@@ -17,7 +17,15 @@ from torch import nn
 from fusion import explain as X
 from fusion.model import FusionModel
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """This module's toy models and tolerances were set with one intra-op thread; restored afterwards
+    so the rest of the suite keeps the machine's thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------- #
