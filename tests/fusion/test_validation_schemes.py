@@ -126,9 +126,15 @@ def test_all_censored_training_fold_is_a_clear_error(cohort, tmp_path, capsys):
     man = pd.read_csv(cohort / "manifest.csv")
     man["event"] = 0
     man.to_csv(cohort / "censored.csv", index=False)
-    cfg = _cfg(cohort, tmp_path, data={"manifest": "censored.csv"})
+    import torch
+
+    threads = torch.get_num_threads()
+    cfg = _cfg(cohort, tmp_path, data={"manifest": "censored.csv"},
+               training={"num_threads": threads + 1})
     assert main(["-q", "train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     assert "every training patient is censored" in capsys.readouterr().err
+    # training.num_threads held for that run only, failed or not
+    assert torch.get_num_threads() == threads
 
 
 def test_site_stratified_sampling_with_the_adversary(cohort, tmp_path):
