@@ -233,9 +233,16 @@ class CrossModalAttentionFusion(_FusionBase):
     only to the [CLS] token and the present modalities (absent ones are masked
     as keys).  The fused embedding depends on ``readout``:
 
-    - ``"cls"`` (default): the final [CLS] token (after a LayerNorm), as in
+    - ``"cls"``: the final [CLS] token (after a LayerNorm), as in
       BERT/ViT; ``attention`` is the last block's [CLS]-to-modality attention
       (averaged over heads), renormalised over the present modalities;
+    - ``"cls_sum"`` (default): the final [CLS] token (after the LayerNorm) plus the sum
+      of the present modalities' input tokens (projection + type embedding;
+      absent ones contribute 0).  The sum is an additive path around the
+      attention: the head then sees a per-modality additive model, as late
+      and concatenation fusion give it, and attention adds the interactions
+      (one residual connection around the whole transformer; our design, not
+      from a paper).  ``attention`` as for ``"cls"``;
     - ``"concat"``: the final [CLS] token and every modality's output token
       (a learned "missing" vector in place of an absent modality's),
       concatenated and projected to ``out_dim`` by Linear -> ReLU -> Dropout,
@@ -248,14 +255,14 @@ class CrossModalAttentionFusion(_FusionBase):
     """
 
     def __init__(self, modality_to_dim: Mapping[str, int], out_dim: int, *, dropout: float = 0.1,
-                 num_heads: int = 4, num_layers: int = 2, readout: str = "cls") -> None:
+                 num_heads: int = 4, num_layers: int = 2, readout: str = "cls_sum") -> None:
         super().__init__(modality_to_dim, out_dim, dropout)
         if num_heads < 1 or out_dim % num_heads:
             raise ValueError(f"num_heads must divide out_dim ({out_dim}), got {num_heads}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if readout not in ("cls", "concat"):
-            raise ValueError(f"readout must be 'cls' or 'concat', got {readout!r}")
+        if readout not in ("cls", "cls_sum", "concat"):
+            raise ValueError(f"readout must be 'cls', 'cls_sum' or 'concat', got {readout!r}")
         self.readout = readout
         self.proj = nn.ModuleDict({m: nn.Linear(d, out_dim) for m, d in self.modality_to_dim.items()})
         self.type_emb = nn.Parameter(torch.randn(len(self.modalities), out_dim) / math.sqrt(out_dim))
@@ -279,10 +286,13 @@ class CrossModalAttentionFusion(_FusionBase):
         w = None
         for blk in self.blocks:
             x, w = blk(x, pad)
-        if self.readout == "cls":
+        if self.readout in ("cls", "cls_sum"):
             attn = w[:, 0, 1:] * mask
             attn = attn / attn.sum(1, keepdim=True).clamp_min(1e-12)
-            return {"embedding": self.norm(x[:, 0]), "attention": attn}
+            emb = self.norm(x[:, 0])
+            if self.readout == "cls_sum":
+                emb = emb + tokens.sum(1)  # absent modalities' tokens are 0
+            return {"embedding": emb, "attention": attn}
         x = self.norm(x)
         toks = torch.where(mask.unsqueeze(-1), x[:, 1:], self.missing.to(x.dtype).unsqueeze(0))
         emb = self.readout_proj(torch.cat([x[:, 0], toks.flatten(1)], dim=1))

@@ -5,7 +5,7 @@ from fusion.strategies import create_fusion, list_fusions
 
 DIMS = {"ct": 6, "ehr": 4, "omics": 5}
 #: every registered strategy with its defaults, plus the non-default variants that change the forward pass
-VARIANTS = [(n, {}) for n in list_fusions()] + [("cross_attention", {"readout": "concat"})]
+VARIANTS = [(n, {}) for n in list_fusions()] + [("cross_attention", {"readout": r}) for r in ("concat", "cls")]
 _IDS = [n + ("-" + "-".join(f"{k}={v}" for k, v in kw.items()) if kw else "") for n, kw in VARIANTS]
 
 
@@ -88,6 +88,22 @@ def test_low_rank_tensor_fusion_starts_as_an_additive_model():
     lam = f.rank_weights
     linear = sum(torch.einsum("r,bd,rdo->bo", lam, h[m], f.factors[m][:, :4, :]) for m in dims)
     torch.testing.assert_close(got, linear, atol=5e-3, rtol=5e-3)
+
+
+def test_cross_attention_cls_sum_is_the_cls_readout_plus_the_present_input_tokens():
+    torch.manual_seed(0)
+    f = create_fusion("cross_attention", DIMS, 8, readout="cls_sum").eval()
+    g = create_fusion("cross_attention", DIMS, 8, readout="cls").eval()
+    g.load_state_dict(f.state_dict())
+    emb, present = _inputs()
+    got, cls = f(emb, present), g(emb, present)
+    # by hand: each present modality's projection plus its type embedding, summed; absent ones add nothing
+    want = cls["embedding"].clone()
+    for j, m in enumerate(f.modalities):
+        tok = emb[m] @ f.proj[m].weight.T + f.proj[m].bias + f.type_emb[j]
+        want += present[m].unsqueeze(1) * tok
+    torch.testing.assert_close(got["embedding"], want)
+    torch.testing.assert_close(got["attention"], cls["attention"])
 
 
 @pytest.mark.parametrize("kw, field", [({"rank": 0}, "rank"), ({"num_heads": 3}, "num_heads"),
