@@ -10,6 +10,7 @@ Commands::
     radfusion inspect-image PATH [--json]
     radfusion score-pathways --expr FILE --gene-sets GMT [--method ssgsea|gsva] [--backend fast|gseapy] --out FILE
     radfusion explain --run RUN --patient ID [--out DIR] [--repeats N] [--cam gradcam|gradcampp|hirescam|integrated_gradients]
+                     [--cam-layer auto|last|NAME]
     radfusion app --run RUN [--host 127.0.0.1] [--port 8501]
 
 Bad input exits with status 2 and a one-line message naming the file, row,

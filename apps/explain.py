@@ -48,6 +48,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="image map: Grad-CAM (default), Grad-CAM++, HiResCAM (gradient x activation per voxel, "
                         "exact for a globally pooled target layer) or integrated gradients (from a featureless "
                         "image at the image's median; sums to the risk change)")
+    p.add_argument("--cam-layer", default="auto",
+                   help="target layer of a class-activation map: 'auto' (default; per image modality the layer "
+                        "whose map passes the deletion test best on the fold's validation patients, cached in "
+                        "the fold folder), 'last' (the last activated feature map) or a layer name of the encoder")
     p.set_defaults(func=cmd_explain)
     return p
 
@@ -92,7 +96,7 @@ def summary(result: dict) -> str:
 
 def cmd_explain(args) -> int:
     """Run ``radfusion explain``; 0 on success, 2 on bad input (message on stderr)."""
-    from fusion.explain import UnknownPatientError, explain_run, find_patient_fold
+    from fusion.explain import UnknownLayerError, UnknownPatientError, explain_run, find_patient_fold
 
     run = Path(args.run)
     prog = "radfusion explain"
@@ -110,8 +114,13 @@ def cmd_explain(args) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out) if getattr(args, "out", None) else run / "explanations" / args.patient
-    result = explain_run(run, args.patient, out, n_repeats=repeats, seed=getattr(args, "seed", 0),
-                         progress=not getattr(args, "quiet", False), cam_method=getattr(args, "cam", "gradcam"))
+    try:
+        result = explain_run(run, args.patient, out, n_repeats=repeats, seed=getattr(args, "seed", 0),
+                             progress=not getattr(args, "quiet", False), cam_method=getattr(args, "cam", "gradcam"),
+                             cam_layer=getattr(args, "cam_layer", "auto"))
+    except UnknownLayerError as err:
+        print(f"{prog}: error: --cam-layer: {err}", file=sys.stderr)
+        return 2
     print(summary(result))
     print(f"\nexplanation written to {out}")
     return 0

@@ -455,6 +455,13 @@ def _image_section(fold, pseudonym: str, expl: dict | None, expl_dir) -> None:
                     st.caption(f"{frac:.0%} of the 10% most salient voxels lie inside the lesion"
                                + (" (attention on the lesion)." if info.get("hit") else " (attention mostly outside "
                                   "the lesion: check the image before trusting this prediction)."))
+                sel = info.get("layer_selection") if isinstance(info, dict) else None
+                if isinstance(sel, dict) and sel.get("layer") and sel.get("n_patients"):
+                    score = ad.as_float((sel.get("aopc") or {}).get(sel["layer"]))
+                    st.caption(f"Heatmap from network layer {sel['layer']}: of the layers tried, removing its most "
+                               f"salient voxels changed the risk score most in the direction the map claims, on "
+                               f"{int(sel['n_patients'])} validation patients"
+                               + (f" (mean drop {score:+.3f})." if score is not None else "."))
                 rel = info.get("roi_reliance") if isinstance(info, dict) else None
                 if isinstance(rel, dict) and ad.as_float(rel.get("delta_roi")) is not None:
                     st.caption(f"What the model reads here: compared with background tissue, the lesion adds "

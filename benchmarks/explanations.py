@@ -30,8 +30,12 @@ On the test patients of a trained demo run this prints one table with:
   by the image median; the model "reads the lesion" when the first is the
   larger.  This perturbation test is the truth the maps are held to: a
   faithful map sits in the lesion for those patients and not for the others;
+* the Grad-CAM target layer :func:`fusion.explain.fold_cam_layers` chooses
+  per image modality by the deletion test on the validation patients (no
+  lesion mask), with each candidate layer's score;
 * image maps (:func:`fusion.explain.image_map`: Grad-CAM, Grad-CAM++,
-  HiResCAM and integrated gradients) and, for the first
+  HiResCAM on the last layer, Grad-CAM on the chosen layer, and integrated
+  gradients) and, for the first
   ``--occlusion-patients`` patients, MONAI occlusion sensitivity
   (:func:`fusion.explain.occlusion_map`, model-agnostic but with 4-voxel
   cubes, smaller than most lesions, so a max-pooled lesion feature survives
@@ -85,6 +89,8 @@ if str(ROOT) not in sys.path:
 
 #: image maps compared (fusion.explain.image_map methods: three class-activation maps and integrated gradients)
 CAM_METHODS = ("gradcam", "gradcampp", "hirescam", "integrated_gradients")
+#: the map row of Grad-CAM at the layer fusion.explain.fold_cam_layers chooses (the explain CLI's and app's default)
+AUTO = "gradcam (auto layer)"
 #: modality -> (factor unique to it, its coefficient)
 PLANTED = {"ct": ("tumour", 1.0), "pet": ("metabolic", 0.9), "omics": ("immune", 0.9),
            "ehr": ("inflammation", 0.9), "mri": ("oedema", 0.7), "clinical": ("age", 0.4)}
@@ -186,6 +192,7 @@ def main(argv=None) -> int:
     stab: dict[str, list[float]] = {"modality_shapley": [], "feature_shap": [], "gradcam": []}
     t_per: dict[str, list[float]] = {"modality_shapley": [], "feature_shap": [], "gradcam": [], "stability": []}
     n_explained = 0
+    selections: list[tuple[str, dict]] = []
     n_occluded = 0
     truth = None
     from scipy.stats import spearmanr
@@ -197,6 +204,10 @@ def main(argv=None) -> int:
         if truth is None and gt_path.exists():
             truth = json.loads(gt_path.read_text())
         model = tf.models["fused"]
+        t0 = time.perf_counter()  # Grad-CAM target layer per image modality, chosen without lesion masks
+        layer_sel = X.fold_cam_layers(tf, method="gradcam")
+        timings["cam_layer_selection_s"] = timings.get("cam_layer_selection_s", 0.0) + time.perf_counter() - t0
+        selections.append((fold.name, layer_sel))
         test_rows = np.arange(len(tf.splits["test"]))[:args.max_patients]
         cohort_idx = tf.splits["test"][test_rows]
         n_explained += len(test_rows)
@@ -233,6 +244,8 @@ def main(argv=None) -> int:
                 rel["out"].append(abs(reliance["delta_outside"]))
                 rel["reads"].append(reliance["reads_roi"])
                 maps = {meth: X.image_map(model, b, m, meth) for meth in CAM_METHODS}
+                if m in layer_sel:
+                    maps[AUTO] = X.image_map(model, b, m, "gradcam", layer=layer_sel[m]["layer"])
                 if with_occlusion:
                     maps["occlusion"] = X.occlusion_map(model, b, m)
                 for meth, heat in maps.items():
@@ -313,6 +326,14 @@ def main(argv=None) -> int:
     for m, rel in sorted(reads.items()):
         lines.append(f"  {m:<5} n={len(rel['reads']):>3}  lesion {np.mean(rel['roi']):.3f}  outside "
                      f"{np.mean(rel['out']):.3f}  reads lesion {np.mean(rel['reads']):.2f}")
+    lines.append("")
+    lines.append("Grad-CAM target layer chosen by the deletion test (fusion.explain.fold_cam_layers: mean AOPC, the")
+    lines.append("risk drop when the map's top 2/5/10/20% voxels are set to the image median, on validation patients;")
+    lines.append(f"no lesion mask used); the rows '{AUTO}' below use it, the rows 'gradcam' etc. the last layer")
+    for fname, sel in selections:
+        for m, v in sorted(sel.items()):
+            scores = ", ".join(f"{c} {v['aopc'].get(c, float('nan')):+.3f}" for c in v["candidates"])
+            lines.append(f"  {fname:<10} {m:<5} chosen {v['layer']:<14} (n={v['n_patients']} {v['split']}) {scores}")
     lines.append("")
     lines.append("Localisation of the top-10% voxels (per patient; share of patients, or mean):")
     lines.append("  hit = their centre of mass in the lesion (dilated 1 voxel); covers = >= half the lesion's voxels")

@@ -55,8 +55,11 @@ What a clinician sees in the app, computed here from a trained fold
    over patients with a percentile bootstrap CI resampling patients.
 
 3. **Grad-CAM** (:func:`grad_cam`): MONAI's ``GradCAM`` (Selvaraju et al.
-   2017, *ICCV*) on the image encoder's last convolutional feature map
-   (:func:`gradcam_target_layer`), with the *fused* risk of the full model as
+   2017, *ICCV*) on an activated feature map of the image encoder (by
+   default the last, :func:`gradcam_target_layer`; in explanations the one
+   of :func:`cam_layer_candidates` that passes the deletion test
+   :func:`deletion_aopc` best on validation patients,
+   :func:`select_cam_layer` / :func:`fold_cam_layers`), with the *fused* risk of the full model as
    the "class score" (other modalities at the patient's values):
    :math:`L = \mathrm{ReLU}(\sum_c \alpha_c A^c)`,
    :math:`\alpha_c = \frac{1}{Z}\sum_{ijk} \partial r / \partial A^c_{ijk}`,
@@ -114,6 +117,7 @@ log = logging.getLogger("radfusion")
 
 __all__ = [
     "MahalanobisOOD",
+    "UnknownLayerError",
     "UnknownPatientError",
     "breslow_survival",
     "ehr_shap",
@@ -126,6 +130,10 @@ __all__ = [
     "global_importance",
     "grad_cam",
     "gradcam_target_layer",
+    "cam_layer_candidates",
+    "deletion_aopc",
+    "select_cam_layer",
+    "fold_cam_layers",
     "IMAGE_MAP_METHODS",
     "image_map",
     "integrated_gradients_map",
@@ -141,6 +149,10 @@ IMAGE_MODALITIES = ("ct", "mri", "pet")
 TABULAR_MODALITIES = ("clinical", "ehr", "omics")
 _TARGET_KEYS = ("time", "event", "label", "confounders", "strata")
 _CHUNK = 4096
+
+
+class UnknownLayerError(ValueError):
+    """A named Grad-CAM target layer that the encoder does not have (the message lists the candidates)."""
 
 
 class UnknownPatientError(ValueError):
@@ -867,7 +879,7 @@ _SHAP_DESIGN = {
 # 3. Grad-CAM
 # --------------------------------------------------------------------------- #
 def gradcam_target_layer(encoder: nn.Module, example: torch.Tensor | None = None) -> str:
-    """Name (relative to ``encoder``) of the layer Grad-CAM uses: the last convolutional feature map.
+    """Name (relative to ``encoder``) of Grad-CAM's default layer: the last convolutional feature map.
 
     In order: an encoder attribute ``gradcam_layer``; ``backbone.layer4`` (the
     last residual stage) for MONAI ResNet backbones (``resnet10`` ...
@@ -901,6 +913,19 @@ def gradcam_target_layer(encoder: nn.Module, example: torch.Tensor | None = None
             return "backbone.layer4"
         if isinstance(backbone, DenseNet):
             return "backbone.class_layers.relu"
+    order, executed = _trace_convolutions(encoder, example)
+    if len(order) < 2:
+        raise ValueError(f"Grad-CAM needs a late 3D convolutional feature map; {type(encoder).__name__} has "
+                         f"{len(order)} 3D convolution(s) (2D-slice, 2.5D and transformer encoders are not "
+                         "supported; set encoder.gradcam_layer to choose a layer)")
+    non_pointwise = [(n, m) for n, m in order if any(k > 1 for k in m.kernel_size)]
+    conv_name = (non_pointwise or order)[-1][0]
+    return _activated_after(conv_name, executed)
+
+
+def _trace_convolutions(encoder: nn.Module, example: torch.Tensor | None):
+    """One forward pass of ``example`` (default zeros of ``encoder.example_input_size``): the 3D convolutions
+    in execution order, and every leaf module run with its output shape."""
     if example is None:
         size = tuple(getattr(encoder, "example_input_size", (16, 16, 16)))
         example = torch.zeros(1, int(getattr(encoder, "in_channels", 1)), *size, device=_device_of(encoder))
@@ -921,13 +946,7 @@ def gradcam_target_layer(encoder: nn.Module, example: torch.Tensor | None = None
     finally:
         for h in hooks:
             h.remove()
-    if len(order) < 2:
-        raise ValueError(f"Grad-CAM needs a late 3D convolutional feature map; {type(encoder).__name__} has "
-                         f"{len(order)} 3D convolution(s) (2D-slice, 2.5D and transformer encoders are not "
-                         "supported; set encoder.gradcam_layer to choose a layer)")
-    non_pointwise = [(n, m) for n, m in order if any(k > 1 for k in m.kernel_size)]
-    conv_name = (non_pointwise or order)[-1][0]
-    return _activated_after(conv_name, executed)
+    return order, executed
 
 
 #: Modules that may follow a convolution inside the same block (normalisation, activation).
@@ -946,6 +965,44 @@ def _activated_after(conv_name: str, executed: list[tuple[str, nn.Module, tuple]
             break
         chosen = name
     return chosen
+
+
+def cam_layer_candidates(encoder: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    """Target layers a class-activation map may use, shallow to deep: one activated map per resolution.
+
+    For an encoder with a ``gradcam_layer`` attribute, that layer only; for
+    MONAI ResNet backbones ``backbone.layer1`` ... ``backbone.layer4``; for
+    MONAI DenseNet the final activated map only.  Otherwise, for every
+    feature-map resolution the network passes through, the activated output
+    of the last (non-pointwise) 3D convolution at that resolution, found as
+    in :func:`gradcam_target_layer`: for ``cnn3d_small`` the ReLU closing
+    each stage.  The last candidate is always :func:`gradcam_target_layer`'s
+    layer.  :func:`select_cam_layer` picks among them.
+    """
+    explicit = getattr(encoder, "gradcam_layer", None)
+    if isinstance(explicit, str):
+        return [explicit]
+    backbone = getattr(encoder, "backbone", None)
+    if backbone is not None:
+        from monai.networks.nets import DenseNet, ResNet
+
+        if isinstance(backbone, ResNet):
+            return [f"backbone.layer{k}" for k in (1, 2, 3, 4)]
+        if isinstance(backbone, DenseNet):
+            return ["backbone.class_layers.relu"]
+    last = gradcam_target_layer(encoder, example)  # raises for encoders without a 3D feature map
+    order, executed = _trace_convolutions(encoder, example)
+    shapes = {n: shape for n, _, shape in executed}
+    convs = [n for n, m in order if any(k > 1 for k in m.kernel_size)] or [n for n, _ in order]
+    last_at: dict[tuple, str] = {}  # spatial shape -> last convolution producing it (insertion = first seen)
+    for n in convs:
+        key = tuple(shapes.get(n, ()))[2:]
+        last_at.pop(key, None)
+        last_at[key] = n
+    names = [_activated_after(n, executed) for n in last_at.values()]
+    if last in names:
+        names.remove(last)
+    return [*dict.fromkeys(names), last]
 
 
 #: Class-activation methods :func:`grad_cam` accepts.
@@ -1208,11 +1265,176 @@ def roi_reliance(model: nn.Module, batch: Mapping, modality: str, roi: np.ndarra
 IMAGE_MAP_METHODS = (*CAM_METHODS, "integrated_gradients")
 
 
-def image_map(model: nn.Module, batch: Mapping, modality: str, method: str = "gradcam") -> np.ndarray:
-    """The display map of ``method`` (one of :data:`IMAGE_MAP_METHODS`) in [0, 1] on the preprocessed grid."""
+def image_map(model: nn.Module, batch: Mapping, modality: str, method: str = "gradcam", *,
+              layer: str | None = None) -> np.ndarray:
+    """The display map of ``method`` (one of :data:`IMAGE_MAP_METHODS`) in [0, 1] on the preprocessed grid
+    (``layer``: the class-activation map's target layer, default :func:`gradcam_target_layer`; ignored by
+    integrated gradients)."""
     if method == "integrated_gradients":
         return integrated_gradients_map(model, batch, modality)
-    return grad_cam(model, batch, modality, method=method)
+    return grad_cam(model, batch, modality, method=method, layer=layer)
+
+
+#: Shares of the image deleted, most relevant voxels first, in :func:`deletion_aopc`.
+DELETION_FRACTIONS = (0.02, 0.05, 0.1, 0.2)
+
+
+def deletion_aopc(model: nn.Module, batch: Mapping, modality: str, heatmap: np.ndarray, *,
+                  fractions: Sequence[float] = DELETION_FRACTIONS) -> float:
+    """How much the fused risk falls when the voxels a map ranks highest are deleted (AOPC).
+
+    The deletion test of a relevance map (Samek et al. 2017, "Evaluating the
+    visualization of what a deep neural network has learned", IEEE TNNLS;
+    Petsiuk et al. 2018, RISE): for each fraction ``k`` the top ``k`` of the
+    voxels by ``heatmap`` are replaced by the image's median (the background
+    tissue of a lesion-centred crop, the same reference as
+    :func:`roi_reliance` and :func:`integrated_gradients_map`), and the area
+    over the perturbation curve is the mean of ``f(x) - f(x_deleted)`` over
+    the fractions, ``f`` = the fused risk with the other modalities at the
+    patient's values.  A map of what raises the risk scores high; one that
+    points at voxels the model ignores scores near 0; one that points at
+    voxels whose removal *raises* the risk scores below 0.  Ties are broken
+    in raster order; a constant map ranks nothing and scores 0.
+
+    Uses no lesion mask, so it can choose between maps on any patient.
+    """
+    heat = np.asarray(heatmap, dtype=np.float64)
+    fr = [float(f) for f in fractions]
+    if not fr or any(not 0.0 < f <= 1.0 for f in fr):
+        raise ValueError(f"fractions must be in (0, 1], got {list(fractions)}")
+    b = _image_patient_batch(model, batch, modality)
+    x = b[modality].float()
+    if heat.shape != tuple(x.shape[2:]):
+        raise ValueError(f"heatmap shape {heat.shape} differs from the {modality} image's {tuple(x.shape[2:])}")
+    if float(heat.max() - heat.min()) <= 0.0:
+        return 0.0
+    order = torch.as_tensor(np.argsort(-heat.ravel(), kind="stable"), device=x.device)
+    fill = x.median()
+    xs = []
+    for f in fr:
+        xd = x.clone().reshape(-1)
+        xd[order[:max(1, int(round(f * heat.size)))]] = fill
+        xs.append(xd.reshape(x.shape))
+    net = _RiskAsClassScore(model, b, modality)
+    with _EvalMode(model), torch.no_grad():
+        f0 = float(net(x)[0, 0])
+        fd = net(torch.cat(xs)).reshape(-1).double().cpu().numpy()
+    return float(np.mean(f0 - fd))
+
+
+def select_cam_layer(model: nn.Module, batches: Sequence[Mapping], modality: str, *, method: str = "gradcam",
+                     candidates: Sequence[str] | None = None,
+                     fractions: Sequence[float] = DELETION_FRACTIONS) -> dict:
+    """Choose the class-activation map's target layer by the deletion test, without any lesion mask.
+
+    For each candidate layer (default :func:`cam_layer_candidates`: one
+    activated map per resolution) the map of ``method`` is computed for each
+    one-patient batch in ``batches`` that has ``modality`` and scored by
+    :func:`deletion_aopc`; the layer with the highest mean score is chosen
+    (ties: the deeper layer).  Which layer's map is faithful depends on the
+    trained network: on demo runs the last layer's Grad-CAM pointed at the
+    lesion for 2-84% of the test patients depending on the run, and the
+    layer chosen this way on the validation patients was the best of the
+    three stages for each modality (``benchmarks/explanations.py``).
+
+    Returns
+    -------
+    dict
+        ``{"layer", "aopc": {layer: mean score}, "n_patients", "candidates", "method", "fractions"}``;
+        with no usable patient ``layer`` is the last candidate and ``aopc`` is empty.
+    """
+    if method not in CAM_METHODS:
+        raise ValueError(f"method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+    enc = model.encoders[modality]
+    cands = list(candidates) if candidates is not None else cam_layer_candidates(enc)
+    if not cands:
+        raise ValueError("candidates must name at least one layer")
+    usable = [b for b in batches if _present_of(b, modality)]
+    scores: dict[str, list[float]] = {c: [] for c in cands}
+    for b in usable:
+        for c in cands:
+            heat = grad_cam(model, b, modality, layer=c, method=method)
+            scores[c].append(deletion_aopc(model, b, modality, heat, fractions=fractions))
+    mean = {c: float(np.mean(v)) for c, v in scores.items() if v}
+    chosen = max(reversed(cands), key=lambda c: mean[c]) if mean else cands[-1]
+    return {"layer": chosen, "aopc": mean, "n_patients": len(usable), "candidates": cands, "method": method,
+            "fractions": [float(f) for f in fractions]}
+
+
+#: File of a fold folder caching :func:`fold_cam_layers`.
+CAM_LAYERS_FILE = "cam_layers.json"
+
+
+def _file_sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def fold_cam_layers(trained_fold, *, method: str = "gradcam", max_patients: int = 24, cache: bool = True) -> dict:
+    """:func:`select_cam_layer` for every image modality of a trained fold's fused model.
+
+    Scored on up to ``max_patients`` *validation* patients who have the
+    modality (the training patients when fewer than 5 validation patients
+    have it), so the test patients' maps are not chosen on.  The result is
+    cached in ``<fold>/cam_layers.json`` per method, keyed by the checkpoint's
+    SHA-256 (a retrained fold is scored again); an unwritable folder only
+    skips the cache.
+
+    Returns
+    -------
+    dict
+        modality -> :func:`select_cam_layer`'s dict plus ``"split"``; image
+        modalities whose encoder has no 3D feature map are left out.
+    """
+    if method not in CAM_METHODS:
+        raise ValueError(f"method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+    folder = Path(trained_fold.folder)
+    digest = _file_sha256(folder / "checkpoint.pt")
+    path = folder / CAM_LAYERS_FILE
+    stored: dict = {}
+    if cache and digest is not None and path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        if stored.get("checkpoint_sha256") != digest:
+            stored = {}
+        if method in stored.get("methods", {}):
+            return stored["methods"][method]
+    model = trained_fold.models["fused"]
+    result = {}
+    for m in IMAGE_MODALITIES:
+        if m not in getattr(model, "encoders", {}):
+            continue
+        try:
+            cands = cam_layer_candidates(model.encoders[m])
+        except (ValueError, AttributeError, KeyError):
+            continue
+        chosen = None
+        for split in ("validation", "train"):
+            tens = trained_fold.tensors.get(split)
+            if tens is None or not len(trained_fold.splits.get(split, ())):
+                continue
+            rows = [r for r in range(len(trained_fold.splits[split]))
+                    if _present_of(take(tens, [r]), m)][:max_patients]
+            if len(rows) >= 5 or split == "train":
+                chosen = select_cam_layer(model, [take(tens, [r]) for r in rows], m, method=method,
+                                          candidates=cands)
+                chosen["split"] = split
+                break
+        if chosen is not None:
+            result[m] = chosen
+    if cache and digest is not None:
+        stored = {"checkpoint_sha256": digest, "methods": {**stored.get("methods", {}), method: result}}
+        try:
+            path.write_text(json.dumps(stored, indent=1))
+        except OSError:
+            pass
+    return result
 
 
 def save_heatmap_nifti(heatmap: np.ndarray, path: str | Path, *, spacing: Sequence[float] | None = None,
@@ -1367,10 +1589,13 @@ class _Context:
     """What the explanations of one patient of a trained fold share."""
 
     def __init__(self, trained_fold, pseudonym: str, *, background_size: int, seed: int,
-                 cam_method: str = "gradcam") -> None:
+                 cam_method: str = "gradcam", cam_layer: str = "auto") -> None:
         if cam_method not in IMAGE_MAP_METHODS:
             raise ValueError(f"cam_method must be one of {', '.join(IMAGE_MAP_METHODS)}, got {cam_method!r}")
+        if not isinstance(cam_layer, str) or not cam_layer:
+            raise ValueError(f"cam_layer must be 'auto', 'last' or a layer name, got {cam_layer!r}")
         self.cam_method = cam_method
+        self.cam_layer = cam_layer
         self.tf = trained_fold
         self.pseudonym = pseudonym
         pos = {p: i for i, p in enumerate(trained_fold.cohort.pseudonyms)}
@@ -1396,6 +1621,24 @@ class _Context:
                     gradcam_target_layer(self.model.encoders[m], self.batch[m].to(self.tf.device))
                 except (ValueError, AttributeError, KeyError) as err:
                     self.cam_unavailable[m] = str(err)
+        # target layer of each class-activation map: chosen by the deletion test (auto), the last, or named
+        self.layers: dict[str, str | None] = {}
+        self.layer_selection: dict[str, dict] = {}
+        if cam_method in CAM_METHODS and self.images:
+            if cam_layer == "auto":
+                self.layer_selection = fold_cam_layers(trained_fold, method=cam_method)
+                self.layers = {m: self.layer_selection[m]["layer"] for m in self.images if m in self.layer_selection}
+            elif cam_layer != "last":
+                for m in self.images:
+                    enc = self.model.encoders[m]
+                    if cam_layer not in dict(enc.named_modules()):
+                        raise UnknownLayerError(f"the {m} encoder ({type(enc).__name__}) has no layer "
+                                                f"{cam_layer!r}; candidates: "
+                                                f"{', '.join(cam_layer_candidates(enc))} (or 'auto', 'last')")
+                self.layers = {m: cam_layer for m in self.images}
+        for m in self.images:
+            if cam_method in CAM_METHODS and self.layers.get(m) is None:
+                self.layers[m] = gradcam_target_layer(self.model.encoders[m], self.batch[m].to(self.tf.device))
 
     @property
     def tabular(self) -> list[str]:
@@ -1414,7 +1657,7 @@ class _Context:
                                  nsamples=nsamples, seed=seed)
 
     def cam(self, batch, m: str) -> np.ndarray:
-        return image_map(self.model, batch, m, self.cam_method)
+        return image_map(self.model, batch, m, self.cam_method, layer=self.layers.get(m))
 
 
 def _stability(ctx: _Context, *, n_repeats: int, seed: int, nsamples) -> dict:
@@ -1693,7 +1936,8 @@ def _write_json(path: Path, obj) -> None:
 
 
 def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repeats: int = 5, seed: int = 0,
-                    background_size: int = 50, nsamples="auto", cam_method: str = "gradcam") -> dict:
+                    background_size: int = 50, nsamples="auto", cam_method: str = "gradcam",
+                    cam_layer: str = "auto") -> dict:
     """Explain one patient of a trained fold; write ``explanation.json``, PNGs and Grad-CAM arrays.
 
     Parameters
@@ -1713,6 +1957,12 @@ def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repe
     cam_method
         ``"gradcam"`` (default), ``"gradcampp"`` or ``"hirescam"`` (see :func:`grad_cam`), or
         ``"integrated_gradients"`` (:func:`integrated_gradients_map`).
+    cam_layer
+        Target layer of a class-activation map: ``"auto"`` (default) = chosen per
+        image modality by the deletion test on the fold's validation patients
+        (:func:`fold_cam_layers`, cached in the fold folder), ``"last"`` = the
+        last activated feature map (:func:`gradcam_target_layer`), or a layer
+        name relative to the encoder.
 
     Returns
     -------
@@ -1734,7 +1984,8 @@ def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repe
         ``S`` at the interval ends, Cox curves use Breslow's baseline),
         ``feature_shap_details`` (expected value, model output, exactness per
         modality), ``ood.method``, ``gradcam.<m>.chance_fraction`` /
-        ``nifti`` / ``layer`` (``unavailable`` with null files for encoders
+        ``nifti`` / ``layer`` / ``layer_selection`` (the deletion scores of
+        each candidate layer with ``cam_layer="auto"``; ``unavailable`` with null files for encoders
         without a 3D feature map) and ``timings_s``.  Files in
         ``out_dir``: ``explanation.json``, ``modality_shapley.png``,
         ``shap_<modality>.png``, ``gradcam_<modality>.png``,
@@ -1748,7 +1999,8 @@ def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repe
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tf = trained_fold
-    ctx = _Context(tf, pseudonym, background_size=background_size, seed=seed, cam_method=cam_method)
+    ctx = _Context(tf, pseudonym, background_size=background_size, seed=seed, cam_method=cam_method,
+                   cam_layer=cam_layer)
     cohort, model, device = tf.cohort, ctx.model, tf.device
     i = ctx.index
 
@@ -1815,7 +2067,8 @@ def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repe
         cams[m] = {"npy": f"gradcam_{m}.npy", "png": f"gradcam_{m}.png", "nifti": f"gradcam_{m}.nii.gz",
                    "top10_fraction_in_lesion": loc["top10_fraction_in_lesion"], "hit": loc["hit"],
                    "chance_fraction": loc["chance_fraction"],
-                   "layer": _layer_name(model, m) if ctx.cam_method in CAM_METHODS else "input",
+                   "layer": ctx.layers.get(m) if ctx.cam_method in CAM_METHODS else "input",
+                   "layer_selection": ctx.layer_selection.get(m) if ctx.cam_layer == "auto" else None,
                    "method": ctx.cam_method,
                    # what the model reads in this image (lesion vs rest), the check on the map above
                    "roi_reliance": roi_reliance(model, ctx.batch, m, roi) if roi.any() else None}
@@ -1870,13 +2123,6 @@ def explain_patient(trained_fold, pseudonym: str, *, out_dir: str | Path, n_repe
     }
     _write_json(out_dir / "explanation.json", result)
     return _jsonable(result)
-
-
-def _layer_name(model: nn.Module, m: str) -> str | None:
-    try:
-        return gradcam_target_layer(model.encoders[m])
-    except (ValueError, AttributeError):
-        return None
 
 
 def find_patient_fold(run: str | Path, pseudonym: str) -> tuple[Path, str]:

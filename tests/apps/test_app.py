@@ -368,6 +368,8 @@ def test_patient_view(app_run, run_info, explained, monkeypatch):
     assert any(c.startswith("CT slice") and c.endswith("with Grad-CAM") for c in _image_captions(at))
     # the lesion-replacement check of what the model reads is stated next to each map
     assert any(c.value.startswith("What the model reads here") for c in at.caption)
+    # and the layer the map was taken from, chosen by the deletion test on validation patients
+    assert any(c.value.startswith("Heatmap from network layer features.") for c in at.caption)
     at.slider(key="slice_ct").set_value(1).run()
     _no_failure(at)
     assert "CT slice 1/16 with Grad-CAM" in _image_captions(at)

@@ -333,6 +333,25 @@ def test_grad_cam_localises_a_planted_blob():
             disp = X.image_map(model, b, "ct", "integrated_gradients")
             assert disp.dtype == np.float32 and disp.min() >= 0.0 and disp.max() == pytest.approx(1.0)
     assert np.mean(hits_ig) >= 0.7, hits_ig
+    # layer selection by the deletion test: risk = blob intensity, so deleting the blob lowers the risk and
+    # the stage maps score > 0; the pooled 1x1x1 maps are constant (no voxel ranked) and score exactly 0
+    sel_batches = [_image_batch(xt[i:i + 1]) for i in range(8)]
+    cands = ["features.5", "features.12", "avg"]
+    sel = X.select_cam_layer(model, sel_batches, "ct", candidates=cands)
+    assert sel["candidates"] == cands and sel["n_patients"] == 8 and sel["method"] == "gradcam"
+    for c in cands:  # the reported means are the per-patient deletion scores of each layer's map
+        ref = np.mean([X.deletion_aopc(model, b, "ct", X.grad_cam(model, b, "ct", layer=c)) for b in sel_batches])
+        assert sel["aopc"][c] == pytest.approx(ref, abs=1e-6)
+    assert sel["aopc"]["avg"] == 0.0 and sel["layer"] != "avg" and sel["aopc"][sel["layer"]] > 0.0
+    assert sel["layer"] == max(cands, key=sel["aopc"].get)
+    chosen_hits = [bool(X.localisation(X.grad_cam(model, _image_batch(xt[i:i + 1]), "ct", layer=sel["layer"]),
+                                       mt[i])["hit"]) for i in range(len(xt))]
+    assert np.mean(chosen_hits) >= 0.7, chosen_hits
+    # ties (both pooled maps constant) go to the deeper candidate; no usable patient -> the last candidate
+    assert X.select_cam_layer(model, sel_batches[:2], "ct", candidates=["avg", "max"])["layer"] == "max"
+    absent = dict(sel_batches[0], present=torch.zeros(1, 1, dtype=torch.bool))
+    none = X.select_cam_layer(model, [absent], "ct", candidates=cands)
+    assert none["layer"] == "avg" and none["n_patients"] == 0 and none["aopc"] == {}
     # the model is not modified by Grad-CAM (MONAI's hooks go on a copy)
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
 
@@ -355,6 +374,65 @@ def test_gradcam_target_layer_per_encoder():
         "backbone.class_layers.relu"
     with pytest.raises(ValueError, match="3D convolutional"):
         X.gradcam_target_layer(create_encoder("slice2d", 3, 1, 8, **get_encoder_entry("slice2d").cls.example_kwargs))
+
+
+def test_cam_layer_candidates_per_encoder():
+    from encoders.registry import create_encoder, get_encoder_entry
+
+    # cnn3d_small: the ReLU closing each stage (conv, norm, act, conv, norm, act, pool = 7 modules a stage)
+    assert X.cam_layer_candidates(create_encoder("cnn3d_small", 3, 1, 8, channels=(4, 8))) == \
+        ["features.5", "features.12"]
+    cnn = create_encoder("cnn3d_small", 3, 1, 8, channels=(4, 8, 16))
+    cands = X.cam_layer_candidates(cnn)
+    assert cands == ["features.5", "features.12", "features.19"] and cands[-1] == X.gradcam_target_layer(cnn)
+    assert all(isinstance(cnn.get_submodule(c), torch.nn.ReLU) for c in cands)
+    assert X.cam_layer_candidates(create_encoder("resnet10", 3, 1, 8, widen_factor=0.125)) == \
+        ["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
+    dn = get_encoder_entry("densenet121").cls
+    assert X.cam_layer_candidates(create_encoder("densenet121", 3, 1, 8, **dn.example_kwargs)) == \
+        ["backbone.class_layers.relu"]
+    cnn.gradcam_layer = "features.12"
+    assert X.cam_layer_candidates(cnn) == ["features.12"]
+    with pytest.raises(ValueError, match="3D convolutional"):
+        X.cam_layer_candidates(create_encoder("slice2d", 3, 1, 8, **get_encoder_entry("slice2d").cls.example_kwargs))
+
+
+def test_deletion_aopc_hand_computed():
+    """risk = mean of a fixed 4^3 box in a 12^3 image (1728 voxels): deleting the box's 64 voxels (set to the
+    image median) lowers the risk by mean(box) - median; deleting its top half by half the box's excess."""
+
+    class MeanInBox(nn.Module):
+        out_dim = 1
+
+        def forward(self, x):
+            return x[:, :, 3:7, 3:7, 3:7].mean(dim=(1, 2, 3, 4)).unsqueeze(1)
+
+    model = FusionModel({"ct": MeanInBox()}, _Sum(), nn.Identity()).eval()
+    torch.manual_seed(3)
+    x = torch.rand(1, 1, 12, 12, 12)
+    x[:, :, 3:7, 3:7, 3:7] += 2.0
+    b = _image_batch(x)
+    med = float(x.median())
+    heat = np.zeros((12, 12, 12))
+    heat[3:7, 3:7, 3:7] = 1.0
+    heat[3:5, 3:7, 3:7] += 1.0  # the box's first two slices rank first
+    whole = float(x[:, :, 3:7, 3:7, 3:7].mean()) - med
+    assert X.deletion_aopc(model, b, "ct", heat, fractions=(64 / 1728, 0.2)) == pytest.approx(whole, rel=1e-5)
+    half = (float(x[:, :, 3:5, 3:7, 3:7].sum()) - 32 * med) / 64
+    assert X.deletion_aopc(model, b, "ct", heat, fractions=(32 / 1728,)) == pytest.approx(half, rel=1e-5)
+    assert X.deletion_aopc(model, b, "ct", heat, fractions=(32 / 1728, 64 / 1728)) == \
+        pytest.approx((half + whole) / 2, rel=1e-5)
+    far = np.zeros((12, 12, 12))
+    far[8:, 8:, 8:] = 1.0  # points away from what the model reads
+    assert X.deletion_aopc(model, b, "ct", far, fractions=(64 / 1728,)) == pytest.approx(0.0, abs=1e-6)
+    assert X.deletion_aopc(model, b, "ct", np.zeros((12, 12, 12))) == 0.0  # ranks nothing
+    assert X.deletion_aopc(model, b, "ct", heat) > 0.0  # default fractions
+    with pytest.raises(ValueError, match="heatmap shape"):
+        X.deletion_aopc(model, b, "ct", np.zeros((4, 4, 4)))
+    with pytest.raises(ValueError, match="fractions"):
+        X.deletion_aopc(model, b, "ct", heat, fractions=(0.0,))
+    with pytest.raises(ValueError, match="no 'ct' image"):
+        X.deletion_aopc(model, dict(b, present=torch.zeros(1, 1, dtype=torch.bool)), "ct", heat)
 
 
 def test_grad_cam_on_a_resnet_encoder_and_localisation_edge_cases():
@@ -505,6 +583,39 @@ def test_grad_cam_on_a_trained_run(trained):
     assert non_constant > 0
 
 
+def test_fold_cam_layers_on_a_trained_run_is_cached_by_checkpoint(trained, monkeypatch):
+    sel = X.fold_cam_layers(trained, method="gradcam", max_patients=6, cache=False)
+    model = trained.models["fused"]
+    assert set(sel) == {m for m in ("ct", "pet", "mri") if m in model.encoders}
+    for m, v in sel.items():
+        assert v["candidates"] == X.cam_layer_candidates(model.encoders[m]) == ["features.5", "features.12"]
+        assert v["layer"] in v["candidates"] and 0 < v["n_patients"] <= 6 and v["split"] in ("validation", "train")
+        assert set(v["aopc"]) == set(v["candidates"]) and v["layer"] == max(reversed(v["candidates"]),
+                                                                            key=v["aopc"].get)
+    path = trained.folder / X.CAM_LAYERS_FILE
+    path.unlink(missing_ok=True)
+    first = X.fold_cam_layers(trained, method="gradcam", max_patients=6)
+    assert first == sel  # deterministic
+    stored = json.loads(path.read_text())
+    assert stored["methods"]["gradcam"] == first and len(stored["checkpoint_sha256"]) == 64
+
+    def boom(*a, **k):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(X, "select_cam_layer", boom)
+    assert X.fold_cam_layers(trained, method="gradcam", max_patients=6) == first  # read from the cache
+    with pytest.raises(AssertionError, match="scored again"):  # another method is not in the cache
+        X.fold_cam_layers(trained, method="hirescam", max_patients=6)
+    stored["checkpoint_sha256"] = "0" * 64  # a retrained fold (another checkpoint) is scored again
+    path.write_text(json.dumps(stored))
+    with pytest.raises(AssertionError, match="scored again"):
+        X.fold_cam_layers(trained, method="gradcam", max_patients=6)
+    monkeypatch.undo()
+    path.unlink()
+    with pytest.raises(ValueError, match="gradcam, gradcampp, hirescam"):
+        X.fold_cam_layers(trained, method="integrated_gradients")
+
+
 _SCHEMA = {"patient", "fold", "split", "site", "risk", "risk_group", "risk_percentile", "survival_curve", "ood",
            "modality_shapley", "feature_shap", "gradcam", "stability", "pathway_scores",
            "pathway_scores_cohort_percentile"}
@@ -548,8 +659,12 @@ def test_cli_explain_writes_report_without_phi(small_run, trained, capsys, demo_
         assert all(set(it) == {"feature", "value", "shap"} for it in items)
         assert (out / f"shap_{m}.png").is_file()
     assert res["gradcam"]
+    cached = json.loads((run / X.CAM_LAYERS_FILE).read_text())["methods"]["hirescam"]
     for m, g in res["gradcam"].items():
         assert set(g) >= {"npy", "png", "top10_fraction_in_lesion", "hit", "method"} and g["method"] == "hirescam"
+        # the target layer was chosen by the deletion test on the fold's patients (--cam-layer auto)
+        assert g["layer"] == g["layer_selection"]["layer"] == cached[m]["layer"]
+        assert g["layer_selection"]["split"] == "validation"
         rel = g["roi_reliance"]  # the lesion-replacement check: deltas that reproduce from the risk
         assert set(rel) == {"risk", "delta_roi", "delta_outside", "reads_roi"}
         assert rel["risk"] == pytest.approx(res["risk"], abs=1e-4)
@@ -608,6 +723,12 @@ def test_cli_explain_bad_input(small_run, tmp_path, capsys):
     assert cmd_explain(ns) == 2
     err = capsys.readouterr().err
     assert "DEMO-0001" in err and "predictions.csv" in err and "P-" in err
+    pseudo = pd.read_csv(run / "predictions.csv")["patient"].iloc[0]
+    ns = argparse.Namespace(run=str(run), patient=pseudo, out=str(tmp_path / "x"), repeats=0, seed=0, quiet=True,
+                            cam="gradcam", cam_layer="features.99")
+    assert cmd_explain(ns) == 2
+    err = capsys.readouterr().err
+    assert "--cam-layer" in err and "features.99" in err and "features.5, features.12" in err
     ns = argparse.Namespace(run=str(tmp_path / "nope"), patient="P-0000", out=None, repeats=2, seed=0, quiet=True)
     assert cmd_explain(ns) == 2
     assert "does not exist" in capsys.readouterr().err
