@@ -76,6 +76,19 @@ class _Sum(nn.Module):
                 + self.dummy}
 
 
+class _MeanInBox(nn.Module):
+    """Image encoder whose output (and so the fused risk) is the mean of the fixed box [3:7]^3."""
+
+    out_dim = 1
+
+    def forward(self, x):
+        return x[:, :, 3:7, 3:7, 3:7].mean(dim=(1, 2, 3, 4)).unsqueeze(1)
+
+
+def _mean_in_box_model() -> FusionModel:
+    return FusionModel({"ct": _MeanInBox()}, _Sum(), nn.Identity()).eval()
+
+
 def _toy_batch(values: dict, present: dict) -> dict:
     mods = sorted(values)
     return {"modalities": mods, "present": torch.tensor([[present[m] for m in mods]]),
@@ -401,13 +414,7 @@ def test_deletion_aopc_hand_computed():
     """risk = mean of a fixed 4^3 box in a 12^3 image (1728 voxels): deleting the box's 64 voxels (set to the
     image median) lowers the risk by mean(box) - median; deleting its top half by half the box's excess."""
 
-    class MeanInBox(nn.Module):
-        out_dim = 1
-
-        def forward(self, x):
-            return x[:, :, 3:7, 3:7, 3:7].mean(dim=(1, 2, 3, 4)).unsqueeze(1)
-
-    model = FusionModel({"ct": MeanInBox()}, _Sum(), nn.Identity()).eval()
+    model = _mean_in_box_model()
     torch.manual_seed(3)
     x = torch.rand(1, 1, 12, 12, 12)
     x[:, :, 3:7, 3:7, 3:7] += 2.0
@@ -833,13 +840,7 @@ def test_roi_reliance_hand_computed():
     """risk = mean of a fixed box: replacing the box by the image median changes the risk by
     mean(box) - median; replacing everything else changes nothing, so the model 'reads' an ROI there."""
 
-    class MeanInBox(nn.Module):
-        out_dim = 1
-
-        def forward(self, x):
-            return x[:, :, 3:7, 3:7, 3:7].mean(dim=(1, 2, 3, 4)).unsqueeze(1)
-
-    model = FusionModel({"ct": MeanInBox()}, _Sum(), nn.Identity()).eval()
+    model = _mean_in_box_model()
     torch.manual_seed(2)
     x = torch.rand(1, 1, 12, 12, 12)
     x[:, :, 3:7, 3:7, 3:7] += 3.0
