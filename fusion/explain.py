@@ -129,9 +129,11 @@ __all__ = [
     "find_patient_fold",
     "global_importance",
     "grad_cam",
+    "grad_cam_layers",
     "gradcam_target_layer",
     "cam_layer_candidates",
     "deletion_aopc",
+    "deletion_aopcs",
     "select_cam_layer",
     "fold_cam_layers",
     "IMAGE_MAP_METHODS",
@@ -1057,6 +1059,82 @@ class _RiskAsClassScore(nn.Module):
         return self.model(b)["risk"].reshape(-1, 1)
 
 
+class _HookCache:
+    """MONAI ``ModelWithHooks`` that runs the forward and backward pass once per input: every target
+    layer's activation and gradient come from the same pass (MONAI recomputes both for each
+    ``layer_idx``).  ``reset()`` before each new input."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.out = None
+
+    def reset(self) -> None:
+        self.out = None
+
+    def __call__(self, x, class_idx=None, retain_graph=False, **kwargs):
+        if self.out is None:
+            self.out = self.inner(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+        return self.out
+
+    def __getattr__(self, name):  # score, class_idx, model, ... (Grad-CAM++ reads ``score``)
+        return getattr(self.inner, name)
+
+
+class _CamSession:
+    """Class-activation maps of one image modality at several target layers, patient after patient.
+
+    The fused model is deep-copied once (MONAI registers hooks it never
+    removes and sets ``inplace=False`` on the target layers), wrapped so that
+    MONAI sees a ``(1, 1)`` class score = the fused risk with the other
+    modalities at the patient's values, and only the image encoder's
+    parameters keep gradients.  One forward and one backward pass per patient
+    give the maps of every layer; each equals :func:`grad_cam` at that layer
+    alone.
+    """
+
+    def __init__(self, model: nn.Module, modality: str, layers: Sequence[str], method: str = "gradcam") -> None:
+        from monai.visualize import GradCAM, GradCAMpp
+
+        if method not in CAM_METHODS:
+            raise ValueError(f"method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+        if modality not in getattr(model, "encoders", {}):
+            raise ValueError(f"the model has no {modality!r} encoder")
+        if not layers:
+            raise ValueError("layers must name at least one layer")
+        self.model, self.modality, self.layers = model, modality, list(layers)
+        net = copy.deepcopy(model).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for p in net.encoders[modality].parameters():
+            p.requires_grad_(True)
+        self._wrapper = _RiskAsClassScore(net, {}, modality).eval()
+        cam_cls = {"gradcam": GradCAM, "gradcampp": GradCAMpp, "hirescam": _hirescam_class()}[method]
+        self._cam = cam_cls(nn_module=self._wrapper, target_layers=[f"model.encoders.{modality}.{l}" for l in layers],
+                            postprocessing=lambda t: t)
+        self._hooks = _HookCache(self._cam.nn_module)
+        self._cam.nn_module = self._hooks
+
+    def maps(self, batch: Mapping) -> dict[str, np.ndarray]:
+        """layer -> float32 ``(D, H, W)`` map on the preprocessed grid, min-max scaled to [0, 1] (all zeros
+        when no region raises the risk), for the patient in row 0 of ``batch``."""
+        b = _image_patient_batch(self.model, batch, self.modality)
+        self._wrapper._batch = dict(b)
+        x = b[self.modality].float()
+        self._hooks.reset()
+        out = {}
+        with torch.enable_grad():
+            for i, layer in enumerate(self.layers):
+                heat = self._cam(x, class_idx=0, layer_idx=i)
+                arr = heat[0, 0].detach().float().cpu().numpy().astype(np.float64)
+                arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+                lo, hi = float(arr.min()), float(arr.max())
+                out[layer] = (np.zeros(arr.shape, dtype=np.float32) if hi - lo <= 1e-12 * max(1.0, abs(hi))
+                              else ((arr - lo) / (hi - lo)).astype(np.float32))
+        self._hooks.reset()
+        self._wrapper._batch = {}
+        return out
+
+
 def grad_cam(model: nn.Module, batch: Mapping, modality: str, *, layer: str | None = None,
              method: str = "gradcam") -> np.ndarray:
     """Grad-CAM of the fused risk on one image modality of one patient (MONAI ``GradCAM``).
@@ -1066,7 +1144,9 @@ def grad_cam(model: nn.Module, batch: Mapping, modality: str, *, layer: str | No
     ``(1, 1)`` class score = the fused risk of the full model with the other
     modalities at the patient's values, and only the image encoder's
     parameters keep gradients.  MONAI's default post-processing (which maps
-    max -> 0 and min -> 1) is replaced by a plain min-max scaling.
+    max -> 0 and min -> 1) is replaced by a plain min-max scaling.  For
+    several layers or patients use :func:`grad_cam_layers` (one copy, one
+    pass per patient).
 
     Parameters
     ----------
@@ -1090,32 +1170,23 @@ def grad_cam(model: nn.Module, batch: Mapping, modality: str, *, layer: str | No
         float32 ``(D, H, W)`` on the preprocessed input grid, in [0, 1]; all
         zeros when no region raises the risk.
     """
-    from monai.visualize import GradCAM, GradCAMpp
-
     if method not in CAM_METHODS:
         raise ValueError(f"method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
-    b = _image_patient_batch(model, batch, modality)
-    net = copy.deepcopy(model).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    enc = net.encoders[modality]
-    for p in enc.parameters():
-        p.requires_grad_(True)
-    x = b[modality].float()
     if layer is None:
-        layer = gradcam_target_layer(enc, x)
-    wrapper = _RiskAsClassScore(net, b, modality).eval()
-    cam_cls = {"gradcam": GradCAM, "gradcampp": GradCAMpp, "hirescam": _hirescam_class()}[method]
-    cam = cam_cls(nn_module=wrapper, target_layers=f"model.encoders.{modality}.{layer}",
-                  postprocessing=lambda t: t)
-    with torch.enable_grad():
-        heat = cam(x, class_idx=0)
-    arr = heat[0, 0].detach().float().cpu().numpy().astype(np.float64)
-    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        return np.zeros(arr.shape, dtype=np.float32)
-    return ((arr - lo) / (hi - lo)).astype(np.float32)
+        b = _image_patient_batch(model, batch, modality)
+        layer = gradcam_target_layer(model.encoders[modality], b[modality].float())
+    return grad_cam_layers(model, [batch], modality, [layer], method=method)[0][layer]
+
+
+def grad_cam_layers(model: nn.Module, batches: Sequence[Mapping], modality: str, layers: Sequence[str], *,
+                    method: str = "gradcam") -> list[dict[str, np.ndarray]]:
+    """:func:`grad_cam` at every layer in ``layers`` for every one-patient batch in ``batches``
+    (each must have ``modality``): one copy of the model, one forward and backward pass per patient.
+
+    Returns one ``{layer: map}`` per batch, each map equal to :func:`grad_cam` at that layer.
+    """
+    session = _CamSession(model, modality, layers, method)
+    return [session.maps(b) for b in batches]
 
 
 def occlusion_map(model: nn.Module, batch: Mapping, modality: str, *, mask_size: int = 4, overlap: float = 0.5,
@@ -1298,28 +1369,40 @@ def deletion_aopc(model: nn.Module, batch: Mapping, modality: str, heatmap: np.n
 
     Uses no lesion mask, so it can choose between maps on any patient.
     """
-    heat = np.asarray(heatmap, dtype=np.float64)
+    return deletion_aopcs(model, batch, modality, [heatmap], fractions=fractions)[0]
+
+
+def deletion_aopcs(model: nn.Module, batch: Mapping, modality: str, heatmaps: Sequence[np.ndarray], *,
+                   fractions: Sequence[float] = DELETION_FRACTIONS) -> list[float]:
+    """:func:`deletion_aopc` of several maps of the same patient, in one forward pass (one score per map)."""
     fr = [float(f) for f in fractions]
     if not fr or any(not 0.0 < f <= 1.0 for f in fr):
         raise ValueError(f"fractions must be in (0, 1], got {list(fractions)}")
     b = _image_patient_batch(model, batch, modality)
     x = b[modality].float()
-    if heat.shape != tuple(x.shape[2:]):
-        raise ValueError(f"heatmap shape {heat.shape} differs from the {modality} image's {tuple(x.shape[2:])}")
-    if float(heat.max() - heat.min()) <= 0.0:
-        return 0.0
-    order = torch.as_tensor(np.argsort(-heat.ravel(), kind="stable"), device=x.device)
+    heats = [np.asarray(h, dtype=np.float64) for h in heatmaps]
+    for heat in heats:
+        if heat.shape != tuple(x.shape[2:]):
+            raise ValueError(f"heatmap shape {heat.shape} differs from the {modality} image's {tuple(x.shape[2:])}")
+    ranked = [i for i, h in enumerate(heats) if float(h.max() - h.min()) > 0.0]  # a constant map ranks nothing
+    scores = [0.0] * len(heats)
+    if not ranked:
+        return scores
     fill = x.median()
     xs = []
-    for f in fr:
-        xd = x.clone().reshape(-1)
-        xd[order[:max(1, int(round(f * heat.size)))]] = fill
-        xs.append(xd.reshape(x.shape))
+    for i in ranked:
+        order = torch.as_tensor(np.argsort(-heats[i].ravel(), kind="stable"), device=x.device)
+        for f in fr:
+            xd = x.clone().reshape(-1)
+            xd[order[:max(1, int(round(f * heats[i].size)))]] = fill
+            xs.append(xd.reshape(x.shape))
     net = _RiskAsClassScore(model, b, modality)
     with _EvalMode(model), torch.no_grad():
         f0 = float(net(x)[0, 0])
-        fd = net(torch.cat(xs)).reshape(-1).double().cpu().numpy()
-    return float(np.mean(f0 - fd))
+        fd = net(torch.cat(xs)).reshape(len(ranked), len(fr)).double().cpu().numpy()
+    for k, i in enumerate(ranked):
+        scores[i] = float(np.mean(f0 - fd[k]))
+    return scores
 
 
 def select_cam_layer(model: nn.Module, batches: Sequence[Mapping], modality: str, *, method: str = "gradcam",
@@ -1352,10 +1435,11 @@ def select_cam_layer(model: nn.Module, batches: Sequence[Mapping], modality: str
         raise ValueError("candidates must name at least one layer")
     usable = [b for b in batches if _present_of(b, modality)]
     scores: dict[str, list[float]] = {c: [] for c in cands}
+    session = _CamSession(model, modality, cands, method) if usable else None
     for b in usable:
-        for c in cands:
-            heat = grad_cam(model, b, modality, layer=c, method=method)
-            scores[c].append(deletion_aopc(model, b, modality, heat, fractions=fractions))
+        heats = session.maps(b)
+        for c, a in zip(cands, deletion_aopcs(model, b, modality, [heats[c] for c in cands], fractions=fractions)):
+            scores[c].append(a)
     mean = {c: float(np.mean(v)) for c, v in scores.items() if v}
     chosen = max(reversed(cands), key=lambda c: mean[c]) if mean else cands[-1]
     return {"layer": chosen, "aopc": mean, "n_patients": len(usable), "candidates": cands, "method": method,

@@ -329,6 +329,23 @@ def test_grad_cam_localises_a_planted_blob():
     ref = torch.nn.functional.interpolate(ref, size=(12, 12, 12), mode="trilinear", align_corners=False)[0, 0]
     ref = ((ref - ref.min()) / (ref.max() - ref.min())).detach().numpy()
     np.testing.assert_allclose(X.grad_cam(model, _image_batch(xt[:1]), "ct", method="hirescam"), ref, atol=1e-5)
+    # several layers and patients in one pass per patient: each map equals the hand-computed Grad-CAM
+    # (relu(sum_c mean_xyz(dRisk/dA_c) * A_c), upsampled trilinearly, min-max scaled) of that layer
+    stages = ["features.5", "features.12"]
+    multi = X.grad_cam_layers(model, [_image_batch(xt[i:i + 1]) for i in range(3)], "ct", stages)
+    assert len(multi) == 3 and all(list(d) == stages for d in multi)
+    for i in range(3):
+        for name in stages:
+            acts = {}
+            handle = model.encoders["ct"].get_submodule(name).register_forward_hook(
+                lambda mod, inp, out: acts.update(a=out))
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(model(_image_batch(xt[i:i + 1]))["risk"].sum(), acts["a"])
+            handle.remove()
+            ref = torch.relu((g.mean(dim=(2, 3, 4), keepdim=True) * acts["a"]).sum(1, keepdim=True))
+            ref = torch.nn.functional.interpolate(ref, size=(12, 12, 12), mode="trilinear", align_corners=False)[0, 0]
+            ref = ((ref - ref.min()) / (ref.max() - ref.min())).detach().numpy()
+            np.testing.assert_allclose(multi[i][name], ref, atol=1e-5)
     with pytest.raises(ValueError, match="gradcam, gradcampp, hirescam"):
         X.grad_cam(model, _image_batch(xt[:1]), "ct", method="cam")
     # integrated gradients on the same model: localises the blob, and completeness holds on this
