@@ -51,6 +51,20 @@ def _restore_torch_threads():
         torch.set_num_threads(n)
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A quick variant of a slow test (``@pytest.mark.quick_variant_of("test_name")``, the same check on
+    less data) runs only when that slow test is not selected, e.g. under ``-m "not slow"``."""
+    names = {item.name for item in items}
+    keep, dropped = [], []
+    for item in items:
+        mark = item.get_closest_marker("quick_variant_of")
+        (dropped if mark is not None and mark.args and mark.args[0] in names else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("CI", "").lower() != "true":
         return

@@ -1,8 +1,8 @@
 """Expression + clinical model (radfusion encoders, Cox loss) vs clinical-only CoxPH on GSE7390.
 
 The benchmark is ``benchmarks/omics_breast_cancer.py``; these tests run it on
-one outer seed (quick) and on three (slow) and require our mean held-out
-c-index to be at least lifelines' clinical-only CoxPH's.
+one outer seed (quick; deselected when the slow one runs) and on three (slow) and require our
+mean held-out c-index to be at least lifelines' clinical-only CoxPH's.
 """
 import importlib.util
 from pathlib import Path
@@ -31,6 +31,7 @@ def test_data_and_clinical_design():
     assert np.isfinite(C.to_numpy()).all() and (t > 0).all()
 
 
+@pytest.mark.quick_variant_of("test_expression_plus_clinical_beats_clinical_cox_three_seeds")
 def test_expression_plus_clinical_beats_clinical_cox_one_seed():
     res = _bench().run(seeds=(0,), n_inner=3, verbose=False)
     assert len(res["ours"]) == 5
