@@ -18,7 +18,11 @@ run-to-run noise of the test c-index, about 0.04 on the demo):
    patients with each present non-clinical modality hidden with probability
    0.3 (20 random masks, at least one modality kept); check: the mean c-index
    drop is <= 0.03.  The same is reported for the model trained without
-   modality dropout.
+   modality dropout, and for an oracle on the same patients and masks: the
+   demo's true log hazard restricted to the factors the present modalities
+   show (``ground_truth.json``; frailty, which no modality measures, left
+   out), i.e. what hiding modalities costs when the information is simply
+   gone.
 3. **Confounder removal**: ``configs/demo_loso_plain.yaml`` vs
    ``configs/demo_loso_adversarial.yaml`` (leave the demo's held-out site
    out); checks: the held-out site's c-index is >= 0.05 higher with the
@@ -133,22 +137,77 @@ def _accepts(cls, name: str) -> bool:
         return False
 
 
+def _removal_masks(present, mods, *, p: float, n_masks: int, seed: int) -> list:
+    """``n_masks`` random copies of ``present`` (bool tensor, patients x modalities) with each present
+    non-clinical modality hidden with probability ``p``; a patient left with nothing keeps what they had."""
+    import torch
+
+    cols = [j for j, m in enumerate(mods) if m != "clinical"]
+    rng = np.random.default_rng(seed)
+    masks = []
+    for _ in range(n_masks):
+        pr = present.clone()
+        drop = rng.random((pr.shape[0], len(cols))) < p
+        for k, j in enumerate(cols):
+            pr[:, j] &= ~torch.from_numpy(drop[:, k])
+        empty = ~pr.any(dim=1)
+        pr[empty] = present[empty]  # never hide everything a patient has
+        masks.append(pr)
+    return masks
+
+
 def _masked_c(fold, model, *, p: float, n_masks: int, seed: int) -> tuple[float, float]:
     t = fold.tensors["test"]
-    mods = list(t["modalities"])
-    cols = [j for j, m in enumerate(mods) if m != "clinical"]
     base = harrell_c(t["event"].numpy(), t["time"].numpy(), predict(model, t, device=fold.device)["risk"])
-    rng = np.random.default_rng(seed)
-    cs = []
-    for _ in range(n_masks):
-        present = t["present"].clone()
-        drop = rng.random((present.shape[0], len(cols))) < p
-        for k, j in enumerate(cols):
-            present[:, j] &= ~__import__("torch").from_numpy(drop[:, k])
-        empty = ~present.any(dim=1)
-        present[empty] = t["present"][empty]  # never hide everything a patient has
-        tm = dict(t, present=present)
-        cs.append(harrell_c(t["event"].numpy(), t["time"].numpy(), predict(model, tm, device=fold.device)["risk"]))
+    cs = [harrell_c(t["event"].numpy(), t["time"].numpy(), predict(model, dict(t, present=pr), device=fold.device)["risk"])
+          for pr in _removal_masks(t["present"], list(t["modalities"]), p=p, n_masks=n_masks, seed=seed)]
+    return base, float(np.mean(cs))
+
+
+def _oracle_masked_c(fold, cohort: Path, *, p: float, n_masks: int, seed: int) -> tuple[float, float] | None:
+    """The reference for part 2: the demo's true log hazard restricted to what the patient's present
+    modalities show, on the same test patients and the same random masks as :func:`_masked_c`.
+
+    From ``ground_truth.json``: coefficient x factor of each factor a present modality carries
+    (``tumour`` when any of CT, PET or MR is present, as the lesion's size shows on all three, else
+    its mean given the clinical stage over the training patients; ``metabolic`` with PET, ``oedema``
+    with MR, ``immune`` with expression, ``inflammation`` with the EHR; ``age`` always) plus the
+    site's baseline log hazard; ``frailty`` is measured by no modality and left out.  What hiding a
+    modality costs this oracle is information that is gone; None without a demo ground truth.
+    """
+    path = Path(cohort) / "ground_truth.json"
+    if not path.is_file():
+        return None
+    gt = json.loads(path.read_text())
+    coef, pats = gt["coefficients"], gt["patients"]
+    pid = fold.cohort.patient_ids
+    train = [pats[pid[i]] for i in fold.splits["train"]]
+    by_stage: dict = {}
+    for r in train:
+        by_stage.setdefault(r["stage"], []).append(r["factors"]["tumour"])
+    tumour_given_stage = {k: float(np.mean(v)) for k, v in by_stage.items()}
+    test = [pats[pid[i]] for i in fold.splits["test"]]
+    site_lh = np.array([r["log_hazard"] - r["linear_predictor"] for r in test])
+    t = fold.tensors["test"]
+    mods = list(t["modalities"])
+    carries = {"pet": "metabolic", "mri": "oedema", "omics": "immune", "ehr": "inflammation"}
+
+    def risk(present) -> np.ndarray:
+        pr = present.numpy()
+        out = site_lh + coef["age"] * np.array([r["factors"]["age"] for r in test])
+        imaging = np.zeros(len(test), dtype=bool)
+        for j, m in enumerate(mods):
+            if m in ("ct", "pet", "mri"):
+                imaging |= pr[:, j]
+            if m in carries:
+                out = out + pr[:, j] * coef[carries[m]] * np.array([r["factors"][carries[m]] for r in test])
+        tum = np.array([r["factors"]["tumour"] if seen else tumour_given_stage.get(r["stage"], 0.0)
+                        for r, seen in zip(test, imaging)])
+        return out + coef["tumour"] * tum
+
+    ev, tm = t["event"].numpy(), t["time"].numpy()
+    base = harrell_c(ev, tm, risk(t["present"]))
+    cs = [harrell_c(ev, tm, risk(pr)) for pr in _removal_masks(t["present"], mods, p=p, n_masks=n_masks, seed=seed)]
     return base, float(np.mean(cs))
 
 
@@ -167,12 +226,22 @@ def part_dropout(cohort: Path, out: Path, *, dropout: float = 0.3, p: float = 0.
                           "drop": round(full - masked, 4)}
             print(f"  seed {seed} {label:<22} full {full:.3f}  30% removed {masked:.3f}  drop {full - masked:+.3f}",
                   flush=True)
-    for label in ("with_modality_dropout", "without"):
+            if label == "without":  # the split is the run seed's: the same test patients and masks as above
+                ora = _oracle_masked_c(fold, cohort, p=p, n_masks=n_masks, seed=seed)
+                if ora is not None:
+                    row["oracle"] = {"c_full": round(ora[0], 4), "c_30pct_removed": round(ora[1], 4),
+                                     "drop": round(ora[0] - ora[1], 4)}
+                    print(f"  seed {seed} {'oracle (true factors)':<22} full {ora[0]:.3f}  30% removed {ora[1]:.3f}  "
+                          f"drop {ora[0] - ora[1]:+.3f}", flush=True)
+    for label in ("with_modality_dropout", "without", "oracle"):
+        if not all(label in r for r in res["per_seed"].values()):
+            continue
         m, se = _mean_se([r[label]["drop"] for r in res["per_seed"].values()])
         res[f"drop_mean_{label}"] = round(m, 4)
         res[f"drop_se_{label}"] = round(se, 4) if np.isfinite(se) else None
     print(f"  mean drop: with modality dropout {res['drop_mean_with_modality_dropout']:+.3f}, without "
-          f"{res['drop_mean_without']:+.3f}", flush=True)
+          f"{res['drop_mean_without']:+.3f}" + (f", oracle {res['drop_mean_oracle']:+.3f}" if "drop_mean_oracle" in res
+                                                else ""), flush=True)
     res["drop_at_most_0.03"] = res["drop_mean_with_modality_dropout"] <= 0.03
     return res
 
